@@ -1,0 +1,1 @@
+"""Splits generated text into content, reasoning and tool calls (pure Python, no MLX)."""
