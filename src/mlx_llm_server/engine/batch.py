@@ -1,0 +1,153 @@
+"""The running batch: rows of sequences that decode together, one token each per step.
+
+Invariant: every row has exactly one sampled token that has been neither read nor fed to the
+model (`pending`). A step feeds the pending tokens (computing the next ones asynchronously) and
+only then reads them, so the device works on step t+1 while the host handles step t's tokens.
+Rows join with their first token sampled by the prefill and leave by filtering every per-row
+array (KV cache, sampling state, pending tokens) with the same indices.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .sampling import SampleOutput, SamplingBatch
+from .types import GenerationRequest
+
+GrammarMasker = Callable[[mx.array, list[Any]], mx.array]
+
+
+@dataclass
+class Sequence:
+    """One request's state inside the engine."""
+
+    request: GenerationRequest
+    deliver: Callable[[Any], None]
+    tokens: list[int] = field(default_factory=list)  # prompt + generated, as fed to the model
+    cached_tokens: int = 0
+    generated: int = 0
+    # While prefilling: this sequence's own cache, how far it got, and its sampling state.
+    prompt_cache: list[Any] | None = None
+    prefilled: int = 0
+    cancelled: bool = False
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.request.prompt_tokens)
+
+
+@dataclass
+class ReadToken:
+    sequence: Sequence
+    token_id: int
+    logprob: float | None
+    top_logprobs: tuple[tuple[int, float], ...] | None
+
+
+def merge_caches(caches: list[list[Any]]) -> list[Any]:
+    """Per-layer batch caches holding the given single-sequence caches as rows."""
+    return [type(layer[0]).merge(list(layer)) for layer in zip(*caches, strict=True)]
+
+
+class DecodeBatch:
+    def __init__(self, model: nn.Module, vocab_size: int, grammar_masker: GrammarMasker | None):
+        self.model = model
+        self.vocab_size = vocab_size
+        self.grammar_masker = grammar_masker
+        self.sequences: list[Sequence] = []
+        self.cache: list[Any] = []
+        self.sampling: SamplingBatch | None = None
+        self.pending: SampleOutput | None = None
+
+    def __len__(self) -> int:
+        return len(self.sequences)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(layer.nbytes for layer in self.cache)
+
+    def add(
+        self,
+        sequences: list[Sequence],
+        caches: list[list[Any]],
+        first_tokens: list[SampleOutput],
+        sampling: list[SamplingBatch],
+    ) -> None:
+        """Rows join with their prompt in `caches` and their first sampled token pending."""
+        joined = merge_caches(caches)
+        if self.sequences:
+            for mine, theirs in zip(self.cache, joined, strict=True):
+                mine.extend(theirs)
+            assert self.pending is not None and self.sampling is not None
+            self.pending = SampleOutput.concat([self.pending, *first_tokens])
+            self.sampling = SamplingBatch.concat([self.sampling, *sampling])
+        else:
+            self.cache = joined
+            self.pending = SampleOutput.concat(first_tokens)
+            self.sampling = SamplingBatch.concat(sampling)
+        self.sequences.extend(sequences)
+
+    def keep(self, rows: list[int]) -> None:
+        """Drops every row not listed."""
+        if len(rows) == len(self.sequences):
+            return
+        if not rows:
+            self.sequences, self.cache, self.sampling, self.pending = [], [], None, None
+            return
+        for layer in self.cache:
+            layer.filter(mx.array(rows, dtype=mx.int32))
+        assert self.pending is not None and self.sampling is not None
+        self.pending = self.pending.select(rows)
+        self.sampling = self.sampling.select(rows)
+        self.sequences = [self.sequences[r] for r in rows]
+
+    def extract_cache(self, row: int) -> list[Any]:
+        return [layer.extract(row) for layer in self.cache]
+
+    def step(self) -> list[ReadToken]:
+        """Feeds the pending tokens, samples the next ones, and returns the tokens just fed."""
+        assert self.pending is not None and self.sampling is not None
+        current = self.pending
+        matchers = [s.request.grammar for s in self.sequences]
+        constrained = any(m is not None for m in matchers)
+        if constrained:
+            # A grammar needs the token before it can mask the next step: no overlap here.
+            read = self._read(current)
+            for token, matcher in zip(read, matchers, strict=True):
+                if matcher is not None:
+                    matcher.accept_token(token.token_id)
+        logits = self.model(current.tokens[:, None], cache=self.cache)[:, -1, :]
+        if constrained and self.grammar_masker is not None:
+            logits = self.grammar_masker(logits, matchers)
+        self.pending = self.sampling.sample(logits)
+        mx.async_eval(self.pending.arrays())
+        return read if constrained else self._read(current)
+
+    def _read(self, output: SampleOutput) -> list[ReadToken]:
+        tokens = output.tokens.tolist()
+        want_logprobs = any(s.request.sampling.logprobs for s in self.sequences)
+        logprobs = output.logprobs.tolist() if want_logprobs else [None] * len(tokens)
+        tops: list[Any] = [None] * len(tokens)
+        if output.top_ids is not None and output.top_logprobs is not None:
+            ids, values = output.top_ids.tolist(), output.top_logprobs.tolist()
+            for row, sequence in enumerate(self.sequences):
+                width = sequence.request.sampling.top_logprobs
+                if sequence.request.sampling.logprobs and width > 0:
+                    pairs = sorted(zip(ids[row], values[row], strict=True), key=lambda p: -p[1])
+                    tops[row] = tuple(pairs[:width])
+        read = []
+        for row, sequence in enumerate(self.sequences):
+            wants = sequence.request.sampling.logprobs
+            read.append(
+                ReadToken(sequence, tokens[row], logprobs[row] if wants else None, tops[row])
+            )
+        return read

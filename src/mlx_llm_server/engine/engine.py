@@ -1,0 +1,392 @@
+"""The engine: one thread owns MLX and runs the continuous batch.
+
+Requests arrive on a thread-safe inbox; each one's events go back to the asyncio event loop
+through a `RequestStream`. Every loop iteration: take new requests and cancellations, prefill
+at most `prefill_chunk` prompt tokens (so running streams never wait for more than one chunk),
+then one decode step for every running sequence.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.cache import make_prompt_cache
+
+from ..errors import EngineError, ServerOverloadedError, ServiceUnavailableError
+from .batch import DecodeBatch, GrammarMasker, ReadToken, Sequence
+from .prefix_cache import PrefixCache
+from .sampling import SampleOutput, SamplingBatch
+from .types import (
+    EngineEvent,
+    EngineStats,
+    ErrorEvent,
+    FinishEvent,
+    FinishReason,
+    GenerationRequest,
+    TokenEvent,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_running: int = 64
+    max_queued: int = 256
+    prefill_chunk: int = 512
+    prefix_cache_bytes: int = 1 << 30
+    # Release MLX's buffer cache after this many steps with nothing running.
+    idle_steps_before_clearing: int = 1
+
+
+class RequestStream:
+    """The events of one request, consumed on the event loop with `async for`."""
+
+    def __init__(self, engine: Engine, request_id: str, loop: asyncio.AbstractEventLoop):
+        self._engine = engine
+        self.request_id = request_id
+        self._loop = loop
+        self._events: deque[EngineEvent] = deque()
+        self._ready = asyncio.Event()
+        self.finished = False
+
+    def _push(self, events: list[EngineEvent]) -> None:
+        self._events.extend(events)
+        self._ready.set()
+
+    def cancel(self) -> None:
+        """Stops generation for this request; safe to call more than once."""
+        if not self.finished:
+            self.finished = True
+            self._engine.cancel(self.request_id)
+
+    def __aiter__(self) -> AsyncIterator[EngineEvent]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[EngineEvent]:
+        while True:
+            while not self._events:
+                self._ready.clear()
+                await self._ready.wait()
+            event = self._events.popleft()
+            if not isinstance(event, TokenEvent):
+                self.finished = True
+                yield event
+                return
+            yield event
+
+
+@dataclass
+class EngineModel:
+    """What the engine runs: built on the engine thread, since MLX arrays belong to a thread."""
+
+    model: nn.Module
+    vocab_size: int
+    grammar_masker: GrammarMasker | None = None
+
+
+class Engine:
+    def __init__(self, config: EngineConfig | None = None) -> None:
+        self.config = config or EngineConfig()
+        self.prefix_cache = PrefixCache(self.config.prefix_cache_bytes)
+        self.model: nn.Module | None = None
+        self._batch: DecodeBatch | None = None
+        self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self._waiting: deque[Sequence] = deque()
+        self._prefilling: list[Sequence] = []
+        self._by_id: dict[str, Sequence] = {}
+        self._queued = 0  # submitted and not yet prefilling; guarded by _lock
+        self._lock = threading.Lock()
+        self._outbox: list[tuple[Callable[[Any], None], EngineEvent]] = []
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self._ready = threading.Event()
+        self.failure: BaseException | None = None
+        self.steps = 0
+
+    # Event-loop side ---------------------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        alive = self._thread is not None and self._thread.is_alive()
+        return alive and self._ready.is_set() and self.failure is None
+
+    def start(self, setup: Callable[[], EngineModel]) -> Future[EngineModel]:
+        """Starts the engine thread, which first runs `setup` (load and warm the model).
+
+        The future resolves once the engine takes requests, or holds setup's exception.
+        """
+        started: Future[EngineModel] = Future()
+        self._thread = threading.Thread(
+            target=self._run, args=(setup, started), name="mlx-engine", daemon=True
+        )
+        self._thread.start()
+        return started
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stopping.set()
+        self._inbox.put(("wake", None))
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def submit(self, request: GenerationRequest) -> RequestStream:
+        """Queues a request; raises ServerOverloadedError when the queue is full."""
+        if not self.running:
+            raise ServiceUnavailableError("The generation engine is not running.")
+        with self._lock:
+            if self._queued >= self.config.max_queued:
+                raise ServerOverloadedError(
+                    "The server is at capacity; retry shortly.", retry_after_seconds=1
+                )
+            self._queued += 1
+        loop = asyncio.get_running_loop()
+        stream = RequestStream(self, request.request_id, loop)
+
+        def deliver(events: list[EngineEvent]) -> None:
+            loop.call_soon_threadsafe(stream._push, events)
+
+        self._inbox.put(("submit", Sequence(request, deliver)))
+        return stream
+
+    def cancel(self, request_id: str) -> None:
+        self._inbox.put(("cancel", request_id))
+
+    def stats(self) -> EngineStats:
+        batch = self._batch
+        return EngineStats(
+            waiting=self._queued,
+            running=(len(batch) if batch else 0) + len(self._prefilling),
+            prefix_cache_bytes=self.prefix_cache.nbytes,
+            prefix_cache_entries=len(self.prefix_cache),
+            kv_cache_bytes=batch.nbytes if batch else 0,
+        )
+
+    # Engine thread -----------------------------------------------------------------------
+
+    def _run(self, setup: Callable[[], EngineModel], started: Future[EngineModel]) -> None:
+        try:
+            loaded = setup()
+            self.model = loaded.model
+            self._batch = DecodeBatch(loaded.model, loaded.vocab_size, loaded.grammar_masker)
+            self.vocab_size = loaded.vocab_size
+        except BaseException as error:
+            self.failure = error
+            started.set_exception(error)
+            return
+        self._ready.set()
+        started.set_result(loaded)
+        try:
+            while not self._stopping.is_set():
+                self._take_inbox(block=not self._has_work())
+                self._drop_cancelled()
+                self._prefill()
+                if len(self._batch):
+                    self._decode()
+                self._flush()
+                self.steps += 1
+                if not self._has_work():
+                    mx.clear_cache()
+        except BaseException as error:  # the engine thread must never die silently
+            logger.exception("generation engine stopped")
+            self.failure = error
+            self._fail_everything(EngineError(f"The generation engine stopped: {error}"))
+            self._flush()
+
+    def _has_work(self) -> bool:
+        return bool(self._waiting or self._prefilling or (self._batch and len(self._batch)))
+
+    def _take_inbox(self, block: bool) -> None:
+        try:
+            item = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            kind, payload = item
+            if kind == "submit":
+                self._by_id[payload.request_id] = payload
+                self._waiting.append(payload)
+            elif kind == "cancel":
+                sequence = self._by_id.get(payload)
+                if sequence is not None:
+                    sequence.cancelled = True
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def _drop_cancelled(self) -> None:
+        if any(s.cancelled for s in self._waiting):
+            for sequence in [s for s in self._waiting if s.cancelled]:
+                self._waiting.remove(sequence)
+                self._dequeued(1)
+                self._finish(sequence, "cancelled")
+        for sequence in [s for s in self._prefilling if s.cancelled]:
+            self._prefilling.remove(sequence)
+            sequence.prompt_cache = None
+            self._finish(sequence, "cancelled")
+        cancelled = [row for row, s in enumerate(self._batch.sequences) if s.cancelled]
+        if cancelled:
+            for row in cancelled:
+                self._finish(self._batch.sequences[row], "cancelled")
+            gone = set(cancelled)
+            self._batch.keep([r for r in range(len(self._batch)) if r not in gone])
+
+    def _dequeued(self, count: int) -> None:
+        with self._lock:
+            self._queued -= count
+
+    def _prefill(self) -> None:
+        """Spends up to one chunk of prompt tokens; sequences whose prompt is done join."""
+        budget = self.config.prefill_chunk
+        ready: list[tuple[Sequence, list[Any], SampleOutput, SamplingBatch]] = []
+        while budget > 0:
+            if not self._prefilling:
+                room = self.config.max_running - len(self._batch) - len(ready)
+                if not self._waiting or room <= 0:
+                    break
+                self._start_prefill(self._waiting.popleft())
+            sequence = self._prefilling[0]
+            try:
+                done = self._prefill_chunk(sequence, budget)
+            except Exception as error:  # e.g. out of memory: fail this request only
+                logger.exception("prefill failed for %s", sequence.request_id)
+                self._prefilling.remove(sequence)
+                sequence.prompt_cache = None
+                self._fail(sequence, error)
+                continue
+            budget -= done[0]
+            if done[1] is not None:
+                self._prefilling.remove(sequence)
+                ready.append((sequence, *done[1]))
+        if ready:
+            sequences = [r[0] for r in ready]
+            self._batch.add(
+                sequences, [r[1] for r in ready], [r[2] for r in ready], [r[3] for r in ready]
+            )
+            for sequence in sequences:
+                sequence.prompt_cache = None
+
+    def _start_prefill(self, sequence: Sequence) -> None:
+        self._dequeued(1)
+        prompt = sequence.request.prompt_tokens
+        cache, cached = self.prefix_cache.fetch(prompt)
+        sequence.prompt_cache = cache if cache is not None else make_prompt_cache(self.model)
+        sequence.prefilled = sequence.cached_tokens = cached
+        sequence.tokens = list(prompt[:cached])
+        self._prefilling.append(sequence)
+
+    def _prefill_chunk(
+        self, sequence: Sequence, budget: int
+    ) -> tuple[int, tuple[list[Any], SampleOutput, SamplingBatch] | None]:
+        prompt = sequence.request.prompt_tokens
+        chunk = prompt[sequence.prefilled : sequence.prefilled + budget]
+        cache = sequence.prompt_cache
+        assert cache is not None
+        logits = self.model(mx.array(chunk)[None], cache=cache)
+        sequence.prefilled += len(chunk)
+        sequence.tokens.extend(chunk)
+        if sequence.prefilled < len(prompt):
+            mx.eval([layer.state for layer in cache])
+            return len(chunk), None
+        sampling = SamplingBatch.for_sequence(sequence.request.sampling, prompt, self.vocab_size)
+        last = logits[:, -1, :]
+        grammar = sequence.request.grammar
+        if grammar is not None and self._batch.grammar_masker is not None:
+            last = self._batch.grammar_masker(last, [grammar])
+        first = sampling.sample(last)
+        mx.async_eval([layer.state for layer in cache], first.arrays())
+        return len(chunk), (cache, first, sampling)
+
+    def _decode(self) -> None:
+        try:
+            read = self._batch.step()
+        except Exception as error:
+            logger.exception("decode step failed")
+            for sequence in self._batch.sequences:
+                self._fail(sequence, error)
+            self._batch.keep([])
+            return
+        finished: dict[int, FinishReason] = {}
+        for row, token in enumerate(read):
+            reason = self._accept(token)
+            if reason is not None:
+                finished[row] = reason
+        if finished:
+            for row, reason in finished.items():
+                sequence = self._batch.sequences[row]
+                if reason == "stop" or reason == "length":
+                    self.prefix_cache.store(sequence.tokens, self._batch.extract_cache(row))
+                self._finish(sequence, reason)
+            self._batch.keep([r for r in range(len(self._batch)) if r not in finished])
+
+    def _accept(self, token: ReadToken) -> FinishReason | None:
+        sequence = token.sequence
+        request = sequence.request
+        if sequence.cancelled:
+            return "cancelled"
+        sequence.generated += 1
+        sequence.tokens.append(token.token_id)
+        if token.token_id in request.stop_token_ids:
+            return "stop"
+        self._outbox.append(
+            (sequence.deliver, TokenEvent(token.token_id, token.logprob, token.top_logprobs))
+        )
+        if request.grammar is not None and request.grammar.is_finished():
+            return "stop"
+        if sequence.generated >= request.max_tokens:
+            return "length"
+        return None
+
+    def _finish(self, sequence: Sequence, reason: FinishReason) -> None:
+        self._by_id.pop(sequence.request_id, None)
+        # The end-of-sequence token counts as generated, as OpenAI and vLLM count it.
+        event = FinishEvent(reason, sequence.prompt_len, sequence.generated, sequence.cached_tokens)
+        self._outbox.append((sequence.deliver, event))
+
+    def _fail(self, sequence: Sequence, error: Exception) -> None:
+        self._by_id.pop(sequence.request_id, None)
+        wrapped = error if isinstance(error, EngineError) else EngineError(str(error))
+        self._outbox.append((sequence.deliver, ErrorEvent(wrapped)))
+
+    def _fail_everything(self, error: Exception) -> None:
+        for sequence in list(self._by_id.values()):
+            self._fail(sequence, error)
+        while True:
+            try:
+                kind, payload = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if kind == "submit":
+                self._fail(payload, error)
+
+    def _flush(self) -> None:
+        """Hands this step's events to the event loop: one wake-up per request per step."""
+        if not self._outbox:
+            return
+        grouped: dict[Callable[[Any], None], list[EngineEvent]] = {}
+        for deliver, event in self._outbox:
+            grouped.setdefault(deliver, []).append(event)
+        self._outbox = []
+        for deliver, events in grouped.items():
+            deliver(events)
+
+
+def wait_until_idle(engine: Engine, timeout: float = 30.0) -> None:
+    """Test helper: blocks until nothing is queued or running."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not engine._has_work() and engine._queued == 0:
+            return
+        time.sleep(0.01)
+    raise TimeoutError("engine did not go idle")

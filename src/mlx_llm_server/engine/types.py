@@ -1,0 +1,84 @@
+"""Plain data types crossing the engine's boundary. No MLX, no web framework."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+FinishReason = Literal["stop", "length", "cancelled", "error"]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1: off
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    logprobs: bool = False
+    top_logprobs: int = 0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @property
+    def uses_penalties(self) -> bool:
+        return (
+            self.presence_penalty != 0.0
+            or self.frequency_penalty != 0.0
+            or self.repetition_penalty != 1.0
+        )
+
+
+@dataclass
+class GenerationRequest:
+    request_id: str
+    prompt_tokens: list[int]
+    max_tokens: int
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stop_token_ids: frozenset[int] = frozenset()
+    # A per-sequence constraint on the next token (see text/grammar.py), or None.
+    grammar: Any = None
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One generated token of one request."""
+
+    token_id: int
+    logprob: float | None = None
+    top_logprobs: tuple[tuple[int, float], ...] | None = None
+
+
+@dataclass(frozen=True)
+class FinishEvent:
+    """The last event of a request that ended without an error."""
+
+    finish_reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+
+
+@dataclass(frozen=True)
+class ErrorEvent:
+    """The last event of a request that failed; the engine goes on serving the others."""
+
+    error: Exception
+
+
+EngineEvent = TokenEvent | FinishEvent | ErrorEvent
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    waiting: int
+    running: int
+    prefix_cache_bytes: int
+    prefix_cache_entries: int
+    kv_cache_bytes: int

@@ -1,0 +1,1 @@
+"""Loading models: the architecture registry, local or hub folders, and GGUF files."""

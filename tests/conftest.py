@@ -1,0 +1,56 @@
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from model_factory import build_tiny_qwen3, qwen3_tokenizer_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random-weight Qwen3 with the real Qwen3 tokenizer, saved as a model folder."""
+    return build_tiny_qwen3(tmp_path_factory.mktemp("tiny-qwen3"))
+
+
+@pytest.fixture(scope="session")
+def qwen3_tokenizer_path() -> Path:
+    return qwen3_tokenizer_dir()
+
+
+from collections.abc import Iterator  # noqa: E402
+
+from server_process import ServerProcess  # noqa: E402
+
+TINY_CONTEXT = 1024
+
+
+@pytest.fixture(scope="session")
+def tiny_server(
+    tiny_qwen3_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerProcess]:
+    """The real server on a real port, serving the tiny Qwen3 as `tiny-qwen3`."""
+    log = tmp_path_factory.mktemp("logs") / "tiny-server.log"
+    server = ServerProcess(
+        [
+            "--model-name",
+            str(tiny_qwen3_dir),
+            "--served-model-name",
+            "tiny-qwen3",
+            "--context-length",
+            str(TINY_CONTEXT),
+            "--max-tokens",
+            "64",
+            "--log-level",
+            "warning",
+        ],
+        log,
+    )
+    try:
+        server.wait_healthy()
+        yield server
+    finally:
+        server.stop()
