@@ -54,3 +54,43 @@ def tiny_server(
         yield server
     finally:
         server.stop()
+
+
+SCRIPT_TEXT = "Hello 쀍龘🎉 한국어 日本語の文字 中文 𠜎 STOP done."
+
+
+@pytest.fixture(scope="session")
+def script_tokens(qwen3_tokenizer_path: Path) -> list[int]:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(qwen3_tokenizer_path)
+    return list(tokenizer.encode(SCRIPT_TEXT, add_special_tokens=False))
+
+
+@pytest.fixture(scope="session")
+def scripted_server(
+    script_tokens: list[int], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerProcess]:
+    """The real server answering every prompt with SCRIPT_TEXT, through a registered model file."""
+    from scripted_model import write_scripted_model
+
+    folder = tmp_path_factory.mktemp("scripted")
+    model_file, model_dir = write_scripted_model(folder, script_tokens)
+    server = ServerProcess(
+        [
+            "--model-name",
+            str(model_dir),
+            "--served-model-name",
+            "scripted",
+            "--custom-model",
+            str(model_file),
+            "--log-level",
+            "warning",
+        ],
+        folder / "server.log",
+    )
+    try:
+        server.wait_healthy()
+        yield server
+    finally:
+        server.stop()

@@ -120,7 +120,9 @@ class ChoiceText:
         return self._filter(text)
 
     def finish(self) -> str:
-        text = self._filter(self._detokenizer.flush())
+        # A generation cut by max_tokens can end inside a character: drop its incomplete bytes
+        # rather than send a replacement character.
+        text = self._filter(self._detokenizer.flush().rstrip("\ufffd"))
         if self._stops is not None and not self.stopped:
             text += self._stops.flush()
         return text

@@ -1,0 +1,49 @@
+"""The command line as a user meets it: help, defaults, and models that cannot be found."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from mlx_llm_server.cli import DEFAULT_MODEL, DEFAULT_PORT, build_parser
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "mlx_llm_server", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+
+
+def test_defaults_are_the_specified_ones() -> None:
+    args = build_parser().parse_args([])
+    assert args.model_name == DEFAULT_MODEL == "mlx-community/Qwen3-8B-4bit"
+    assert args.port == DEFAULT_PORT == 9044
+    assert args.host == "127.0.0.1"
+
+
+def test_help_lists_the_options() -> None:
+    result = run_cli("--help")
+    assert result.returncode == 0
+    for option in ("--model-name", "--port", "--host", "--log-level", "--max-tokens"):
+        assert option in result.stdout
+
+
+def test_missing_local_model_is_one_sentence_and_non_zero() -> None:
+    result = run_cli("--model-name", "/no/such/model/folder")
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert "/no/such/model/folder" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_hub_model_offline_says_how_to_start_the_built_in_one() -> None:
+    result = run_cli("--model-name", "mlx-community/not-cached-anywhere-4bit")
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert "smollm2" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
