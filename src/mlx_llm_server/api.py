@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
+import uuid
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -12,14 +14,19 @@ from typing import Any, TypeVar
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import protocol as wire
 from .errors import InvalidRequestError, ServerError, ServerOverloadedError, ServiceUnavailableError
+from .metrics import CONTENT_TYPE, ServerMetrics
 from .service import ChatService
 
 logger = logging.getLogger(__name__)
+access_logger = logging.getLogger("mlx_llm_server.access")
 T = TypeVar("T")
+KNOWN_ROUTES = frozenset({"/health", "/metrics", "/v1/models", "/v1/chat/completions"})
 
 
 @dataclass
@@ -27,6 +34,7 @@ class AppState:
     """What the routes need; `service` is None until the models are loaded."""
 
     service: ChatService | None = None
+    metrics: ServerMetrics | None = None
     loading: list[str] = field(default_factory=list)
     stopping: bool = False
 
@@ -36,6 +44,50 @@ class AppState:
         if self.service is None:
             raise ServiceUnavailableError("The model is still loading.")
         return self.service
+
+
+class RequestAccounting:
+    """Gives every request an id (`X-Request-Id`, echoed), counts it, and logs one line."""
+
+    def __init__(self, app: ASGIApp, state: AppState) -> None:
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        request_id = headers.get(b"x-request-id", b"").decode("latin-1")[:128]
+        request_id = request_id or uuid.uuid4().hex
+        started = time.monotonic()
+        status = 500
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [
+                    *message.get("headers", []),
+                    (b"x-request-id", request_id.encode("latin-1")),
+                ]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            path = scope.get("path", "")
+            route = path if path in KNOWN_ROUTES else "other"
+            if self.state.metrics is not None:
+                self.state.metrics.requests.labels(route, str(status)).inc()
+            access_logger.info(
+                "%s %s %s %d %.3fs",
+                request_id,
+                scope.get("method", ""),
+                path,
+                status,
+                time.monotonic() - started,
+            )
 
 
 def error_response(error: ServerError) -> JSONResponse:
@@ -76,6 +128,7 @@ async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
 def create_app(state: AppState) -> FastAPI:
     app = FastAPI(title="MLX LLM Server", docs_url=None, redoc_url=None)
     app.state.server = state
+    app.add_middleware(RequestAccounting, state=state)
 
     @app.exception_handler(ServerError)
     async def _server_error(_: Request, error: ServerError) -> JSONResponse:
@@ -108,6 +161,12 @@ def create_app(state: AppState) -> FastAPI:
             return JSONResponse({"status": "engine_stopped"}, status_code=503)
         return JSONResponse({"status": "ok", "models": [m.model_id for m in models]})
 
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        if state.metrics is None:
+            raise ServiceUnavailableError("Metrics are not available yet.")
+        return Response(state.metrics.render(), media_type=CONTENT_TYPE)
+
     @app.get("/v1/models")
     async def list_models() -> wire.ModelList:
         service = state.ready_service()
@@ -125,13 +184,19 @@ def create_app(state: AppState) -> FastAPI:
         payload = await read_json_body(request)
         chat = wire.parse_model(wire.ChatCompletionRequest, payload)
         prepared = await service.prepare(chat)
+        handle = prepared.start()
         if chat.stream:
+            # The background task also runs when the client left before the first chunk.
             return StreamingResponse(
-                prepared.stream(),
+                prepared.stream(handle),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                background=BackgroundTask(handle.cancel),
             )
-        completion = await until_disconnected(request, prepared.complete())
+        try:
+            completion = await until_disconnected(request, prepared.complete(handle))
+        finally:
+            handle.cancel()
         return Response(completion.model_dump_json(), media_type="application/json")
 
     return app

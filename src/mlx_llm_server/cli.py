@@ -13,6 +13,7 @@ import uvicorn
 
 from .api import AppState, create_app
 from .engine.engine import Engine, EngineConfig, EngineModel
+from .metrics import ServerMetrics
 from .models.loader import LoadedModel, ModelLoadError, load, resolve_model_path
 from .models.registry import model_registry
 from .service import ChatService, ServedModel
@@ -134,6 +135,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     served_name = args.served_model_name or args.model_name
     state = AppState(loading=[served_name])
+    state.metrics = ServerMetrics(
+        lambda: (
+            [(m.model_id, m.engine.stats()) for m in state.service.models()]
+            if state.service
+            else []
+        )
+    )
     server = uvicorn.Server(
         uvicorn.Config(
             create_app(state),
@@ -154,7 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             server.should_exit = True
             return
         served = ServedModel(served_name, loaded[0], engine, default_max_tokens=args.max_tokens)
-        state.service = ChatService([served])
+        state.service = ChatService([served], state.metrics)
         state.loading = []
         logger.info(
             "serving %s on http://%s:%d/v1 (context %d tokens)",

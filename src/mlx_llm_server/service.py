@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +26,7 @@ from .errors import (
     ModelNotFoundError,
     ServerError,
 )
+from .metrics import RequestTimer, ServerMetrics
 from .models.loader import LoadedModel
 from .text.detokenizer import IncrementalDetokenizer
 from .text.stop import StopStringMatcher
@@ -136,8 +138,9 @@ class ChoiceText:
 
 
 class ChatService:
-    def __init__(self, models: list[ServedModel]) -> None:
+    def __init__(self, models: list[ServedModel], metrics: ServerMetrics | None = None) -> None:
         self._models = {m.model_id: m for m in models}
+        self.metrics = metrics
 
     def models(self) -> list[ServedModel]:
         return list(self._models.values())
@@ -152,6 +155,7 @@ class ChatService:
 
     async def prepare(self, request: wire.ChatCompletionRequest) -> PreparedChat:
         """Everything that can fail with a 4xx, done before a response starts."""
+        started = time.monotonic()
         served = self.model(request.model)
         _refuse_unsupported(request)
         prompt = await asyncio.to_thread(served.render_chat, request)
@@ -178,7 +182,8 @@ class ChatService:
             sampling=sampling_from(request, logprobs=request.logprobs, top_logprobs=top_logprobs),
             stop_token_ids=served.loaded.eos_token_ids,
         )
-        return PreparedChat(served, request, generation)
+        timer = RequestTimer(self.metrics, served.model_id, started)
+        return PreparedChat(served, request, generation, timer)
 
 
 def _refuse_unsupported(request: wire.ChatCompletionRequest) -> None:
@@ -198,18 +203,21 @@ class PreparedChat:
     served: ServedModel
     request: wire.ChatCompletionRequest
     generation: GenerationRequest
+    timer: RequestTimer
 
     @property
     def request_id(self) -> str:
         return self.generation.request_id
 
     def start(self) -> RequestStream:
+        """Hands the request to the engine: the last check that can refuse it (429)."""
         return self.served.engine.submit(self.generation)
 
     def _usage(self, finish: FinishEvent | None, text: ChoiceText) -> wire.CompletionUsage:
         prompt_tokens = len(self.generation.prompt_tokens)
         completion = finish.completion_tokens if finish and not text.stopped else text.tokens
         cached = finish.cached_tokens if finish else 0
+        self.timer.finished(time.monotonic(), prompt_tokens, completion)
         return wire.CompletionUsage(
             prompt_tokens=prompt_tokens,
             completion_tokens=completion,
@@ -232,8 +240,7 @@ class PreparedChat:
         tops = [entry(t, lp) for t, lp in (event.top_logprobs or ())]
         return wire.TokenLogprob(**main.model_dump(), top_logprobs=tops)
 
-    async def complete(self) -> wire.ChatCompletion:
-        stream = self.start()
+    async def complete(self, stream: RequestStream) -> wire.ChatCompletion:
         text = ChoiceText(self.served.tokenizer, self.request.stop_list())
         parts: list[str] = []
         logprobs: list[wire.TokenLogprob] = []
@@ -241,6 +248,7 @@ class PreparedChat:
         try:
             async for event in stream:
                 if isinstance(event, TokenEvent):
+                    self.timer.token(time.monotonic())
                     parts.append(text.add(event.token_id))
                     if self.request.logprobs and not text.stopped:
                         logprobs.append(self._logprob_entry(event))
@@ -269,9 +277,8 @@ class PreparedChat:
             usage=self._usage(finish, text),
         )
 
-    async def stream(self) -> AsyncIterator[bytes]:
+    async def stream(self, stream: RequestStream) -> AsyncIterator[bytes]:
         """Server-sent events: the role, content increments, the finish, then [DONE]."""
-        stream = self.start()
         text = ChoiceText(self.served.tokenizer, self.request.stop_list())
         created = wire.now()
         include_usage = bool(
@@ -292,6 +299,7 @@ class PreparedChat:
             yield chunk(wire.ChoiceDelta(role="assistant", content=""))
             async for event in stream:
                 if isinstance(event, TokenEvent):
+                    self.timer.token(time.monotonic())
                     piece = text.add(event.token_id)
                     logprobs = None
                     if self.request.logprobs and not text.stopped:
@@ -313,13 +321,14 @@ class PreparedChat:
                 yield chunk(wire.ChoiceDelta(content=tail))
             reason = "stop" if text.stopped or finish is None else finish.finish_reason
             yield chunk(wire.ChoiceDelta(), finish_reason=reason)
+            usage = self._usage(finish, text)
             if include_usage:
                 usage_chunk = wire.ChatCompletionChunk(
                     id=self.request_id,
                     created=created,
                     model=self.served.model_id,
                     choices=[],
-                    usage=self._usage(finish, text),
+                    usage=usage,
                 )
                 yield _sse(usage_chunk.model_dump_json(exclude_none=True))
             yield _sse("[DONE]")

@@ -114,6 +114,10 @@ class Engine:
         self._ready = threading.Event()
         self.failure: BaseException | None = None
         self.steps = 0
+        self.decode_steps = 0
+        self.decode_rows = 0
+        self.max_decode_rows = 0
+        self.prompt_tokens_computed = 0
 
     # Event-loop side ---------------------------------------------------------------------
 
@@ -170,6 +174,12 @@ class Engine:
             prefix_cache_bytes=self.prefix_cache.nbytes,
             prefix_cache_entries=len(self.prefix_cache),
             kv_cache_bytes=batch.nbytes if batch else 0,
+            prefix_cache_hits=self.prefix_cache.hits,
+            prefix_cache_misses=self.prefix_cache.misses,
+            decode_steps=self.decode_steps,
+            decode_rows=self.decode_rows,
+            max_decode_rows=self.max_decode_rows,
+            prompt_tokens_computed=self.prompt_tokens_computed,
         )
 
     # Engine thread -----------------------------------------------------------------------
@@ -294,6 +304,7 @@ class Engine:
         cache = sequence.prompt_cache
         assert cache is not None
         logits = self.model(mx.array(chunk)[None], cache=cache)
+        self.prompt_tokens_computed += len(chunk)
         sequence.prefilled += len(chunk)
         sequence.tokens.extend(chunk)
         if sequence.prefilled < len(prompt):
@@ -309,6 +320,10 @@ class Engine:
         return len(chunk), (cache, first, sampling)
 
     def _decode(self) -> None:
+        rows = len(self._batch)
+        self.decode_steps += 1
+        self.decode_rows += rows
+        self.max_decode_rows = max(self.max_decode_rows, rows)
         try:
             read = self._batch.step()
         except Exception as error:

@@ -82,3 +82,9 @@ class EngineStats:
     prefix_cache_bytes: int
     prefix_cache_entries: int
     kv_cache_bytes: int
+    prefix_cache_hits: int = 0
+    prefix_cache_misses: int = 0
+    decode_steps: int = 0
+    decode_rows: int = 0  # sum of batch sizes over decode steps
+    max_decode_rows: int = 0
+    prompt_tokens_computed: int = 0  # prompt tokens run through the model (cache hits excluded)
