@@ -199,9 +199,9 @@ def test_full_queue_answers_429_with_retry_after(small_server: ServerProcess) ->
             assert queued.status_code == 200
             try:
                 wait_for(lambda: metric(small_server, "mlx_llm_queue_depth") == 1)
-            except AssertionError:
-                rest = list(lines)
-                raise AssertionError(f"{len(rest)} {rest[:2]} {rest[-3:]}")
+            except AssertionError as error:
+                rest = list(lines)  # what the running stream said, to tell why it ended
+                raise AssertionError(f"{len(rest)} {rest[:2]} {rest[-3:]}") from error
             refused = httpx.post(url, json=body)
             assert refused.status_code == 429
             assert refused.headers["retry-after"] == "1"
