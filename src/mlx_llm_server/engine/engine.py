@@ -299,17 +299,28 @@ class Engine:
     def _prefill_chunk(
         self, sequence: Sequence, budget: int
     ) -> tuple[int, tuple[list[Any], SampleOutput, SamplingBatch] | None]:
+        """Runs up to `budget` prompt tokens; the last prompt token runs alone.
+
+        Only the KV cache of a chunk is evaluated, never its logits (the output projection over
+        the vocabulary for every prompt position would dominate the prefill); the last token's
+        own step then gives the logits of the first generated token.
+        """
         prompt = sequence.request.prompt_tokens
-        chunk = prompt[sequence.prefilled : sequence.prefilled + budget]
         cache = sequence.prompt_cache
         assert cache is not None
-        logits = self.model(mx.array(chunk)[None], cache=cache)
-        self.prompt_tokens_computed += len(chunk)
-        sequence.prefilled += len(chunk)
-        sequence.tokens.extend(chunk)
-        if sequence.prefilled < len(prompt):
+        body_end = len(prompt) - 1
+        if sequence.prefilled < body_end:
+            chunk = prompt[sequence.prefilled : min(sequence.prefilled + budget, body_end)]
+            self.model(mx.array(chunk)[None], cache=cache)
             mx.eval([layer.state for layer in cache])
+            self.prompt_tokens_computed += len(chunk)
+            sequence.prefilled += len(chunk)
+            sequence.tokens.extend(chunk)
             return len(chunk), None
+        logits = self.model(mx.array(prompt[-1:])[None], cache=cache)
+        self.prompt_tokens_computed += 1
+        sequence.prefilled += 1
+        sequence.tokens.append(prompt[-1])
         sampling = SamplingBatch.for_sequence(sequence.request.sampling, prompt, self.vocab_size)
         last = logits[:, -1, :]
         grammar = sequence.request.grammar
@@ -317,7 +328,7 @@ class Engine:
             last = self._batch.grammar_masker(last, [grammar])
         first = sampling.sample(last)
         mx.async_eval([layer.state for layer in cache], first.arrays())
-        return len(chunk), (cache, first, sampling)
+        return 1, (cache, first, sampling)
 
     def _decode(self) -> None:
         rows = len(self._batch)

@@ -1,0 +1,389 @@
+"""Serving benchmark: this server against `mlx_lm.server` on the same model, in one run.
+
+Starts both servers, drives N concurrent streaming clients (fixed prompt and output lengths,
+end-of-sequence suppressed with logit_bias so every request generates exactly --output-tokens),
+and prints per server and N: aggregate output tokens/s, TTFT p50/p99, inter-token latency
+p50/p99, and the ratio ours/theirs. A second scenario replays a 10-turn chat and prints the
+time to first token of every turn.
+
+    python bench/serve_bench.py                        # tiny random Qwen3, CPU
+    python bench/serve_bench.py --model PATH --clients 1,8,32,64 --output-tokens 128
+    python bench/serve_bench.py --build qwen3-8b-4bit  # Qwen3-8B-shaped 4-bit (GPU machine)
+
+Only 127.0.0.1 is contacted; every loop is bounded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+EOS_SUPPRESSED = {"151645": -100, "151643": -100}
+
+
+@dataclass
+class RequestTiming:
+    ttft: float
+    gaps: list[float]
+    tokens: int
+
+
+@dataclass
+class RoundResult:
+    clients: int
+    wall: float
+    timings: list[RequestTiming] = field(default_factory=list)
+
+    @property
+    def tokens(self) -> int:
+        return sum(t.tokens for t in self.timings)
+
+    @property
+    def throughput(self) -> float:
+        return self.tokens / self.wall
+
+    def ttft(self, q: float) -> float:
+        return percentile([t.ttft for t in self.timings], q)
+
+    def itl(self, q: float) -> float:
+        return percentile([g for t in self.timings for g in t.gaps], q)
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Server:
+    def __init__(self, name: str, command: list[str], port: int, env: dict[str, str], log: Path):
+        self.name = name
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.log = log
+        self._log_file = open(log, "wb")  # noqa: SIM115 - closed in stop()
+        self.started = time.monotonic()
+        self.process = subprocess.Popen(
+            command, stdout=self._log_file, stderr=subprocess.STDOUT, env=env
+        )
+        self.model_id = ""
+
+    def wait_ready(self, model_id: str, timeout: float) -> float:
+        """Waits until a chat request succeeds; returns seconds since start."""
+        deadline = time.monotonic() + timeout
+        body = {"model": model_id, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.name} exited:\n{self.log.read_text()[-3000:]}")
+            try:
+                response = httpx.post(f"{self.url}/v1/chat/completions", json=body, timeout=600)
+                if response.status_code == 200:
+                    self.model_id = model_id
+                    return time.monotonic() - self.started
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(f"{self.name} not ready:\n{self.log.read_text()[-3000:]}")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+        self._log_file.close()
+
+
+def prompt_for(client: int, words: int) -> list[dict[str, str]]:
+    # Distinct from the first word on, so no server reuses another client's prefix.
+    text = f"Client {client} asks: " + " ".join(
+        f"word{(client * 7 + i) % 997}" for i in range(words)
+    )
+    return [{"role": "user", "content": text}]
+
+
+async def stream_once(
+    http: httpx.AsyncClient, server: Server, messages: list[dict[str, str]], output_tokens: int
+) -> tuple[RequestTiming, str]:
+    body = {
+        "model": server.model_id,
+        "messages": messages,
+        "max_tokens": output_tokens,
+        "temperature": 0.0,
+        "logit_bias": EOS_SUPPRESSED,
+        "stream": True,
+    }
+    started = time.perf_counter()
+    ttft = None
+    last = started
+    gaps: list[float] = []
+    pieces: list[str] = []
+    async with http.stream("POST", f"{server.url}/v1/chat/completions", json=body) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            choices = chunk.get("choices") or []
+            content = choices[0].get("delta", {}).get("content") if choices else None
+            if not content:
+                continue
+            now = time.perf_counter()
+            if ttft is None:
+                ttft = now - started
+            else:
+                gaps.append(now - last)
+            last = now
+            pieces.append(content)
+    return RequestTiming(ttft if ttft is not None else float("nan"), gaps, output_tokens), "".join(
+        pieces
+    )
+
+
+async def run_round(
+    server: Server, clients: int, rounds: int, prompt_words: int, output_tokens: int
+) -> RoundResult:
+    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(1800.0), limits=limits) as http:
+
+        async def client(index: int) -> list[RequestTiming]:
+            timings = []
+            for r in range(rounds):
+                timing, _ = await stream_once(
+                    http, server, prompt_for(index * 100 + r, prompt_words), output_tokens
+                )
+                timings.append(timing)
+            return timings
+
+        started = time.perf_counter()
+        results = await asyncio.gather(*(client(i) for i in range(clients)))
+        wall = time.perf_counter() - started
+    return RoundResult(clients, wall, [t for per_client in results for t in per_client])
+
+
+async def chat_turns(server: Server, turns: int, output_tokens: int) -> list[float]:
+    messages = [
+        {"role": "system", "content": "You are a helpful assistant. " * 20},
+    ]
+    ttfts = []
+    async with httpx.AsyncClient(timeout=httpx.Timeout(1800.0)) as http:
+        for turn in range(turns):
+            messages.append(
+                {"role": "user", "content": f"Turn {turn}: tell me more about topic {turn}."}
+            )
+            timing, text = await stream_once(http, server, messages, output_tokens)
+            ttfts.append(timing.ttft)
+            messages.append({"role": "assistant", "content": text})
+    return ttfts
+
+
+def build_model(kind: str, folder: Path, tokenizer_dir: Path | None) -> Path:
+    sys.path.insert(0, str(ROOT / "tests"))
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+    from mlx_lm.models import qwen3
+
+    if kind == "tiny":
+        from model_factory import build_tiny_qwen3
+
+        return build_tiny_qwen3(folder)
+    if kind != "qwen3-8b-4bit":
+        raise SystemExit(f"unknown --build {kind}")
+    config = {
+        "model_type": "qwen3",
+        "hidden_size": 4096,
+        "num_hidden_layers": 36,
+        "intermediate_size": 12288,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+        "rms_norm_eps": 1e-6,
+        "vocab_size": 151936,
+        "max_position_embeddings": 40960,
+        "rope_theta": 1000000.0,
+        "tie_word_embeddings": False,
+        "eos_token_id": 151645,
+        "quantization": {"group_size": 64, "bits": 4},
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    mx.random.seed(0)
+    model = qwen3.Model(qwen3.ModelArgs.from_dict(config))
+    model.set_dtype(mx.bfloat16)
+    nn.quantize(model, group_size=64, bits=4)
+    mx.eval(model.parameters())
+    mx.save_safetensors(str(folder / "model.safetensors"), dict(tree_flatten(model.parameters())))
+    (folder / "config.json").write_text(json.dumps(config))
+    source = tokenizer_dir
+    if source is None:
+        from model_factory import qwen3_tokenizer_dir
+
+        source = qwen3_tokenizer_dir()
+    for file in source.iterdir():
+        if file.is_file():
+            shutil.copy(file, folder / file.name)
+    return folder
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", type=Path, help="model folder (default: build one)")
+    parser.add_argument("--build", default="tiny", help="tiny | qwen3-8b-4bit (when no --model)")
+    parser.add_argument("--tokenizer-dir", type=Path, help="tokenizer files for --build")
+    parser.add_argument("--clients", default="1,4,16,64")
+    parser.add_argument("--rounds", type=int, default=2, help="requests per client per N")
+    parser.add_argument("--prompt-words", type=int, default=48)
+    parser.add_argument("--output-tokens", type=int, default=64)
+    parser.add_argument("--turns", type=int, default=10)
+    parser.add_argument("--max-running", type=int, default=64)
+    parser.add_argument("--servers", default="ours,mlx_lm")
+    parser.add_argument("--warmup", action="store_true", help="one untimed round of every N first")
+    parser.add_argument("--openblas", action="store_true", help="preload Debian's OpenBLAS (CPU)")
+    parser.add_argument("--json-out", type=Path)
+    parser.add_argument("--log-dir", type=Path, default=Path(tempfile.gettempdir()) / "serve-bench")
+    args = parser.parse_args()
+
+    args.log_dir.mkdir(parents=True, exist_ok=True)
+    model_dir = args.model or build_model(
+        args.build, args.log_dir / f"model-{args.build}", args.tokenizer_dir
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT / "src")}
+    blas = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3"
+    if args.openblas and Path(blas).exists():
+        env["LD_PRELOAD"] = blas
+    commands = {
+        "ours": [
+            sys.executable,
+            "-m",
+            "mlx_llm_server",
+            "--model-name",
+            str(model_dir),
+            "--served-model-name",
+            "bench",
+            "--max-running",
+            str(args.max_running),
+            "--max-queued",
+            "1024",
+            "--log-level",
+            "warning",
+        ],
+        "mlx_lm": [
+            sys.executable,
+            "-m",
+            "mlx_lm.server",
+            "--model",
+            str(model_dir),
+            "--decode-concurrency",
+            str(args.max_running),
+            "--log-level",
+            "WARNING",
+        ],
+    }
+    model_ids = {"ours": "bench", "mlx_lm": str(model_dir)}
+    client_counts = [int(c) for c in args.clients.split(",")]
+    names = args.servers.split(",")
+    results: dict[str, dict[int, RoundResult]] = {}
+    turns: dict[str, list[float]] = {}
+    startup: dict[str, float] = {}
+    for name in names:
+        port = free_port()
+        command = [*commands[name], "--port", str(port)]
+        server = Server(name, command, port, env, args.log_dir / f"{name}.log")
+        try:
+            startup[name] = server.wait_ready(model_ids[name], timeout=1800)
+            if args.warmup:
+                for n in client_counts:
+                    asyncio.run(run_round(server, n, 1, args.prompt_words, 8))
+            results[name] = {}
+            for n in client_counts:
+                results[name][n] = asyncio.run(
+                    run_round(server, n, args.rounds, args.prompt_words, args.output_tokens)
+                )
+                r = results[name][n]
+                print(
+                    f"  {name:7} N={n:<3} {r.throughput:9.1f} tok/s  TTFT p50 {r.ttft(50):.3f}s",
+                    flush=True,
+                )
+            turns[name] = asyncio.run(chat_turns(server, args.turns, 32))
+        finally:
+            server.stop()
+
+    print()
+    print(
+        f"model {model_dir.name} | prompt ~{args.prompt_words} words | {args.output_tokens} output tokens | "
+        f"{args.rounds} requests per client | {platform.machine()} | warmup={args.warmup}"
+    )
+    print("start-up to first answer: " + ", ".join(f"{n} {s:.1f}s" for n, s in startup.items()))
+    header = f"{'server':8} {'N':>3} {'tok/s':>9} {'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>9} {'ITL p99':>9}"
+    print(header)
+    print("-" * len(header))
+    for name in names:
+        for n in client_counts:
+            r = results[name][n]
+            print(
+                f"{name:8} {n:>3} {r.throughput:9.1f} {r.ttft(50):9.3f} {r.ttft(99):9.3f} "
+                f"{r.itl(50) * 1000:7.1f}ms {r.itl(99) * 1000:7.1f}ms"
+            )
+    if {"ours", "mlx_lm"} <= set(names):
+        print()
+        print(f"{'N':>3} {'ours/mlx_lm tok/s':>18} {'TTFT p99 ratio':>15}")
+        for n in client_counts:
+            ours, theirs = results["ours"][n], results["mlx_lm"][n]
+            print(
+                f"{n:>3} {ours.throughput / theirs.throughput:18.2f} {ours.ttft(99) / theirs.ttft(99):15.2f}"
+            )
+    print()
+    print("10-turn chat, TTFT per turn (s):")
+    for name in names:
+        print(
+            f"{name:8} "
+            + " ".join(f"{t:.3f}" for t in turns[name])
+            + f"   turn10/turn1 = {turns[name][-1] / turns[name][0]:.2f}"
+        )
+    if args.json_out:
+        payload = {
+            name: {
+                str(n): {
+                    "tok_s": r.throughput,
+                    "ttft_p50": r.ttft(50),
+                    "ttft_p99": r.ttft(99),
+                    "itl_p50": r.itl(50),
+                    "itl_p99": r.itl(99),
+                }
+                for n, r in per_n.items()
+            }
+            for name, per_n in results.items()
+        }
+        payload["turns"] = turns  # type: ignore[assignment]
+        payload["startup"] = startup  # type: ignore[assignment]
+        args.json_out.write_text(json.dumps(payload, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
