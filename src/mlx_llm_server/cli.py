@@ -165,11 +165,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         state.service = ChatService([served], state.metrics)
         state.loading = []
         logger.info(
-            "serving %s on http://%s:%d/v1 (context %d tokens)",
+            "serving %s on http://%s:%d/v1 (context %d tokens, warm-up %.1fs)",
             served_name,
             args.host,
             args.port,
             loaded[0].context_length,
+            engine.warm_up_seconds,
         )
 
     threading.Thread(target=when_loaded, name="model-loader", daemon=True).start()

@@ -34,6 +34,7 @@ from .types import (
     FinishEvent,
     FinishReason,
     GenerationRequest,
+    SamplingParams,
     TokenEvent,
 )
 
@@ -114,6 +115,7 @@ class Engine:
         self._ready = threading.Event()
         self.failure: BaseException | None = None
         self.steps = 0
+        self.warm_up_seconds = 0.0
         self.decode_steps = 0
         self.decode_rows = 0
         self.max_decode_rows = 0
@@ -190,6 +192,9 @@ class Engine:
             self.model = loaded.model
             self._batch = DecodeBatch(loaded.model, loaded.vocab_size, loaded.grammar_masker)
             self.vocab_size = loaded.vocab_size
+            started_warm_up = time.monotonic()
+            self._warm_up()
+            self.warm_up_seconds = time.monotonic() - started_warm_up
         except BaseException as error:
             self.failure = error
             started.set_exception(error)
@@ -198,20 +203,59 @@ class Engine:
         started.set_result(loaded)
         try:
             while not self._stopping.is_set():
-                self._take_inbox(block=not self._has_work())
-                self._drop_cancelled()
-                self._prefill()
-                if len(self._batch):
-                    self._decode()
-                self._flush()
-                self.steps += 1
-                if not self._has_work():
-                    mx.clear_cache()
+                self._step(block=not self._has_work())
         except BaseException as error:  # the engine thread must never die silently
             logger.exception("generation engine stopped")
             self.failure = error
             self._fail_everything(EngineError(f"The generation engine stopped: {error}"))
             self._flush()
+
+    def _step(self, block: bool) -> None:
+        self._take_inbox(block=block)
+        self._drop_cancelled()
+        self._prefill()
+        if len(self._batch):
+            self._decode()
+        self._flush()
+        self.steps += 1
+        if not self._has_work():
+            mx.clear_cache()
+
+    def _warm_up(self) -> None:
+        """Runs the shapes requests will meet (prompt lengths, batch sizes, sampling paths) once.
+
+        First use of a shape compiles kernels (seconds on a GPU); doing it here keeps that off
+        every user's request. The synthetic sequences go through the normal prefill and decode
+        path and leave no trace: counters and the prefix cache are reset afterwards.
+        """
+        sizes = [b for b in (1, 2, 4, 8, 16, 32, 64, 128) if b <= self.config.max_running]
+        prompt_lengths = (1, 16, self.config.prefill_chunk + 3)
+        sequences = 0
+        for batch_size in sizes:
+            for index in range(batch_size):
+                length = prompt_lengths[index % len(prompt_lengths)]
+                sampling = (
+                    SamplingParams(temperature=0.0)
+                    if index % 2 == 0
+                    else SamplingParams(temperature=0.7, top_p=0.9, top_k=20, min_p=0.05)
+                )
+                request = GenerationRequest(
+                    request_id=f"warm-up-{sequences}",
+                    prompt_tokens=[(7 * sequences + i) % self.vocab_size for i in range(length)],
+                    max_tokens=3,
+                    sampling=sampling,
+                )
+                sequences += 1
+                self._waiting.append(Sequence(request, lambda events: None))
+            with self._lock:
+                self._queued += batch_size
+            while self._has_work():
+                self._step(block=False)
+        self._outbox = []
+        self.prefix_cache.clear()
+        self.prefix_cache.hits = self.prefix_cache.misses = 0
+        self.decode_steps = self.decode_rows = self.max_decode_rows = 0
+        self.prompt_tokens_computed = 0
 
     def _has_work(self) -> bool:
         return bool(self._waiting or self._prefilling or (self._batch and len(self._batch)))
