@@ -222,8 +222,8 @@ def test_context_length_exceeded_before_streaming(client: openai.OpenAI) -> None
 
 def test_unsupported_fields_are_refused_not_ignored(client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as raised:
-        client.chat.completions.create(model=MODEL, messages=MESSAGES, n=2)
-    assert raised.value.body["param"] == "n"  # type: ignore[index]
+        client.completions.create(model=MODEL, prompt="Once", suffix="the end")
+    assert raised.value.body["param"] == "suffix"  # type: ignore[index]
 
 
 def test_unknown_route_is_openai_404(tiny_server: ServerProcess) -> None:

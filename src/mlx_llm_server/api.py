@@ -5,15 +5,18 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 import uuid
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -21,12 +24,22 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from . import protocol as wire
 from .errors import InvalidRequestError, ServerError, ServerOverloadedError, ServiceUnavailableError
 from .metrics import CONTENT_TYPE, ServerMetrics
-from .service import ChatService
+from .security import SecurityConfig, SecurityMiddleware
+from .service import (
+    ChatService,
+    Generation,
+    chat_completion,
+    chat_stream,
+    text_completion,
+    text_stream,
+)
 
 logger = logging.getLogger(__name__)
 access_logger = logging.getLogger("mlx_llm_server.access")
 T = TypeVar("T")
-KNOWN_ROUTES = frozenset({"/health", "/metrics", "/v1/models", "/v1/chat/completions"})
+KNOWN_ROUTES = frozenset(
+    {"/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions"}
+)
 
 
 @dataclass
@@ -47,11 +60,15 @@ class AppState:
 
 
 class RequestAccounting:
-    """Gives every request an id (`X-Request-Id`, echoed), counts it, and logs one line."""
+    """Gives every request an id (`X-Request-Id`, echoed), counts it, and logs one line.
 
-    def __init__(self, app: ASGIApp, state: AppState) -> None:
+    The line is text, or with `json_lines` one JSON object (for log shippers).
+    """
+
+    def __init__(self, app: ASGIApp, state: AppState, json_lines: bool = False) -> None:
         self.app = app
         self.state = state
+        self.json_lines = json_lines
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -80,14 +97,23 @@ class RequestAccounting:
             route = path if path in KNOWN_ROUTES else "other"
             if self.state.metrics is not None:
                 self.state.metrics.requests.labels(route, str(status)).inc()
-            access_logger.info(
-                "%s %s %s %d %.3fs",
-                request_id,
-                scope.get("method", ""),
-                path,
-                status,
-                time.monotonic() - started,
-            )
+            elapsed = time.monotonic() - started
+            if self.json_lines:
+                client = scope.get("client")
+                line = {
+                    "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+                    "request_id": request_id,
+                    "method": scope.get("method", ""),
+                    "path": path,
+                    "status": status,
+                    "duration_s": round(elapsed, 6),
+                    "client": client[0] if client else None,
+                }
+                access_logger.info(json.dumps(line))
+            else:
+                access_logger.info(
+                    "%s %s %s %d %.3fs", request_id, scope.get("method", ""), path, status, elapsed
+                )
 
 
 def error_response(error: ServerError) -> JSONResponse:
@@ -97,20 +123,106 @@ def error_response(error: ServerError) -> JSONResponse:
     return JSONResponse(error.to_dict(), status_code=error.status_code, headers=headers)
 
 
+MAX_JSON_DEPTH = 64
+# Larger bodies are parsed in a worker thread, so that one doesn't stall the running streams.
+_PARSE_IN_THREAD_BYTES = 256 << 10
+# Only a \\u escape can put a surrogate into a str: the UTF-8 decoder refuses encoded ones.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
 def _reject_constant(name: str) -> Any:
     raise InvalidRequestError(f"The request body is not valid JSON: {name} is not allowed.")
 
 
-async def read_json_body(request: Request) -> Any:
-    body = await request.body()
+def _require_json_media_type(content_type: str | None) -> None:
+    """Bodies must be declared JSON. A browser sends text/plain, form and untyped bodies to
+    another origin without a CORS preflight: accepting them would let any web page drive a
+    server on localhost. (vLLM, through FastAPI, refuses text/plain and forms too.)"""
+    media = (content_type or "").split(";", 1)[0].strip().lower()
+    if media == "application/json" or (
+        media.startswith("application/") and media.endswith("+json")
+    ):
+        return
+    raise InvalidRequestError(
+        "The request body must be JSON sent with 'Content-Type: application/json', "
+        f"not {content_type or 'no content type'!r}.",
+        code="unsupported_media_type",
+    )
+
+
+def _check_text(text: str) -> None:
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InvalidRequestError(
+                "The request body is not valid JSON text: it has a lone UTF-16 surrogate "
+                "escape (\\ud800-\\udfff without its pair), which is not a character."
+            ) from None
+
+
+def _check_structure(value: Any, surrogates: bool) -> None:
+    """Refuses nesting deeper than MAX_JSON_DEPTH (deep recursion in validation and templates)
+    and strings holding lone surrogates (no tokenizer can encode them); iterative on purpose."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise InvalidRequestError(
+                f"The request body is nested more than {MAX_JSON_DEPTH} levels deep."
+            )
+        children = item.items() if isinstance(item, dict) else enumerate(item)
+        for key, child in children:
+            if surrogates and isinstance(key, str):
+                _check_text(key)
+            if isinstance(child, (dict, list)):
+                stack.append((child, depth + 1))
+            elif surrogates and isinstance(child, str):
+                _check_text(child)
+
+
+def parse_json_body(body: bytes) -> Any:
+    """UTF-8 JSON without NaN/Infinity, lone surrogates or absurd nesting; 400 otherwise."""
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError:
         raise InvalidRequestError("The request body is not valid UTF-8.") from None
     try:
-        return json.loads(text, parse_constant=_reject_constant)
+        value = json.loads(text, parse_constant=_reject_constant)
     except json.JSONDecodeError as error:
         raise InvalidRequestError(f"The request body is not valid JSON: {error}.") from None
+    except RecursionError:
+        raise InvalidRequestError(
+            f"The request body is nested more than {MAX_JSON_DEPTH} levels deep."
+        ) from None
+    except ValueError as error:  # e.g. an integer longer than Python converts (4300 digits)
+        raise InvalidRequestError(f"The request body is not valid JSON: {error}.") from None
+    surrogates = _SURROGATE_ESCAPE.search(text) is not None
+    if isinstance(value, (dict, list)) and (
+        surrogates or text.count("[") + text.count("{") > MAX_JSON_DEPTH
+    ):
+        _check_structure(value, surrogates)
+    return value
+
+
+async def read_json_body(request: Request) -> Any:
+    _require_json_media_type(request.headers.get("content-type"))
+    body = await request.body()
+    if len(body) > _PARSE_IN_THREAD_BYTES:
+        return await asyncio.to_thread(parse_json_body, body)
+    return parse_json_body(body)
+
+
+async def well_formed_stream(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """A stream that fails midway still ends as a stream should: an error event, `[DONE]`."""
+    try:
+        async for chunk in chunks:
+            yield chunk
+    except Exception:
+        logger.exception("streaming failed")
+        error = ServerError("The server had an error while streaming the response.")
+        yield f"data: {json.dumps(error.to_dict())}\n\n".encode()
+        yield b"data: [DONE]\n\n"
 
 
 async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
@@ -125,10 +237,37 @@ async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
             raise asyncio.CancelledError("client disconnected")
 
 
-def create_app(state: AppState) -> FastAPI:
+def streaming_response(generation: Generation, events: AsyncIterator[bytes]) -> Response:
+    generation.start()  # may refuse with 429: still before the response starts
+    # The background task also runs when the client left before the first chunk.
+    return StreamingResponse(
+        well_formed_stream(events),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        background=BackgroundTask(generation.cancel),
+    )
+
+
+async def complete(
+    request: Request, generation: Generation, work: Awaitable[BaseModel]
+) -> Response:
+    generation.start()
+    try:
+        result = await until_disconnected(request, work)
+    finally:
+        generation.cancel()
+    return Response(result.model_dump_json(), media_type="application/json")
+
+
+def create_app(
+    state: AppState, security: SecurityConfig | None = None, access_log_json: bool = False
+) -> FastAPI:
+    """The app; `security` defaults to the safe settings (loopback Host only, no CORS)."""
     app = FastAPI(title="MLX LLM Server", docs_url=None, redoc_url=None)
     app.state.server = state
-    app.add_middleware(RequestAccounting, state=state)
+    # The last added runs first: requests refused for security are still counted and logged.
+    app.add_middleware(SecurityMiddleware, config=security or SecurityConfig())
+    app.add_middleware(RequestAccounting, state=state, json_lines=access_log_json)
 
     @app.exception_handler(ServerError)
     async def _server_error(_: Request, error: ServerError) -> JSONResponse:
@@ -181,22 +320,26 @@ def create_app(state: AppState) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         service = state.ready_service()
-        payload = await read_json_body(request)
-        chat = wire.parse_model(wire.ChatCompletionRequest, payload)
-        prepared = await service.prepare(chat)
-        handle = prepared.start()
+        chat = wire.parse_model(wire.ChatCompletionRequest, await read_json_body(request))
+        generation = await service.prepare_chat(chat)
+        state.ready_service()  # a stop signal that came while the body arrived refuses it here
+        include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
         if chat.stream:
-            # The background task also runs when the client left before the first chunk.
-            return StreamingResponse(
-                prepared.stream(handle),
-                media_type="text/event-stream",
-                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-                background=BackgroundTask(handle.cancel),
+            return streaming_response(
+                generation, chat_stream(generation, include_usage, chat.logprobs)
             )
-        try:
-            completion = await until_disconnected(request, prepared.complete(handle))
-        finally:
-            handle.cancel()
-        return Response(completion.model_dump_json(), media_type="application/json")
+        return await complete(request, generation, chat_completion(generation))
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        service = state.ready_service()
+        body = wire.parse_model(wire.CompletionRequest, await read_json_body(request))
+        generation = await service.prepare_completion(body)
+        state.ready_service()  # a stop signal that came while the body arrived refuses it here
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        logprobs = body.logprobs is not None
+        if body.stream:
+            return streaming_response(generation, text_stream(generation, include_usage, logprobs))
+        return await complete(request, generation, text_completion(generation, logprobs))
 
     return app

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import threading
 from collections.abc import Sequence
 from concurrent.futures import Future
+from types import FrameType
 
 import uvicorn
 
@@ -16,6 +18,14 @@ from .engine.engine import Engine, EngineConfig, EngineModel
 from .metrics import ServerMetrics
 from .models.loader import LoadedModel, ModelLoadError, load, resolve_model_path
 from .models.registry import model_registry
+from .security import (
+    API_KEY_ENV,
+    LOOPBACK_HOSTS,
+    SecurityConfig,
+    load_api_keys,
+    normalize_host,
+    parse_origins,
+)
 from .service import ChatService, ServedModel
 
 DEFAULT_MODEL = "mlx-community/Qwen3-8B-4bit"
@@ -86,13 +96,130 @@ def build_parser() -> argparse.ArgumentParser:
         help="memory for reusing KV state of shared prefixes, 0 to disable (default: %(default)s)",
     )
     parser.add_argument(
+        "--chat-template-kwargs",
+        type=_json_object,
+        default={},
+        metavar="JSON",
+        help="defaults for every request's chat_template_kwargs, e.g. '{\"enable_thinking\": false}'",
+    )
+    parser.add_argument(
+        "--no-thinking",
+        action="store_true",
+        help="switch reasoning off by default (chat_template_kwargs enable_thinking=false)",
+    )
+    parser.add_argument(
         "--custom-model",
         action="append",
         default=[],
         metavar="FILE.py",
         help="register a model file named after its model_type (repeatable)",
     )
+    security = parser.add_argument_group("security")
+    security.add_argument(
+        "--api-key",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="require 'Authorization: Bearer KEY' on every route but /health (repeatable; "
+        f"also read from --api-key-file and ${API_KEY_ENV})",
+    )
+    security.add_argument(
+        "--api-key-file", default=None, metavar="PATH", help="API keys, one per line"
+    )
+    security.add_argument(
+        "--allowed-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a Host header to accept besides loopback names and --host (repeatable; '*' "
+        "accepts any, which gives up the protection against DNS rebinding)",
+    )
+    security.add_argument(
+        "--cors-origins",
+        default=None,
+        metavar="ORIGINS",
+        help="comma-separated origins allowed to call from a browser, or '*' (default: none)",
+    )
+    security.add_argument(
+        "--max-body-mb",
+        type=float,
+        default=8.0,
+        help="largest request body accepted, larger ones get 413 (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--shutdown-grace-seconds",
+        type=float,
+        default=30.0,
+        help="on SIGTERM/SIGINT, how long running requests may take to finish "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--access-log-format",
+        choices=["text", "json"],
+        default="text",
+        help="one access line per request, as text or a JSON object (default: %(default)s)",
+    )
     return parser
+
+
+def security_config(args: argparse.Namespace) -> SecurityConfig:
+    """Raises ValueError (one sentence) for unusable keys, hosts or origins."""
+    if args.max_body_mb <= 0:
+        raise ValueError("--max-body-mb must be positive")
+    config = SecurityConfig.for_bind_address(
+        args.host,
+        api_keys=load_api_keys(args.api_key, args.api_key_file),
+        allowed_hosts=args.allowed_host,
+        cors_origins=parse_origins(args.cors_origins),
+        max_body_bytes=int(args.max_body_mb * (1 << 20)),
+    )
+    if normalize_host(args.host) not in LOOPBACK_HOSTS:
+        if not config.api_keys:
+            logger.warning(
+                "listening on %s without an API key: anyone who reaches it can use it "
+                "(see --api-key)",
+                args.host,
+            )
+        if not args.allowed_host:
+            logger.warning(
+                "only requests naming %s or a loopback name in their Host header are served; "
+                "add the names clients use with --allowed-host",
+                args.host,
+            )
+    return config
+
+
+class GracefulServer(uvicorn.Server):
+    """Uvicorn's server, where a stop signal first refuses new work (503) while running
+    requests finish (up to `timeout_graceful_shutdown`), and a graceful stop exits 0."""
+
+    def __init__(self, config: uvicorn.Config, state: AppState) -> None:
+        super().__init__(config)
+        self.app_state = state
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if not self.app_state.stopping:
+            logger.info(
+                "stopping: new requests get 503, running ones have %ss to finish",
+                self.config.timeout_graceful_shutdown,
+            )
+        self.app_state.stopping = True
+        super().handle_exit(sig, frame)
+        # Uvicorn re-raises the signal once it has shut down, so the process would die of it;
+        # a stop that went as planned is a normal exit.
+        captured = getattr(self, "_captured_signals", None)
+        if captured is not None:
+            captured.clear()
+
+
+def _json_object(text: str) -> dict[str, object]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"not JSON: {error}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object")
+    return value
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -112,9 +239,11 @@ def start_model(
     loaded: list[LoadedModel] = []
 
     def setup() -> EngineModel:
+        from .text.grammar import apply_grammar_masks
+
         model = load(name, context_length=args.context_length)
         loaded.append(model)
-        return EngineModel(model.model, model.vocab_size)
+        return EngineModel(model.model, model.vocab_size, grammar_masker=apply_grammar_masks)
 
     return engine, engine.start(setup), loaded
 
@@ -124,7 +253,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    if args.access_log_format == "json":
+        # Bare JSON lines: no prefix that would stop a log shipper from parsing them.
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        access = logging.getLogger("mlx_llm_server.access")
+        access.addHandler(handler)
+        access.propagate = False
     try:
+        security = security_config(args)
         for file in args.custom_model:
             model_type = model_registry.register_file(file)
             logger.info("registered model_type %r from %s", model_type, file)
@@ -134,6 +271,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
     served_name = args.served_model_name or args.model_name
+    template_kwargs = dict(args.chat_template_kwargs)
+    if args.no_thinking:
+        template_kwargs["enable_thinking"] = False
     state = AppState(loading=[served_name])
     state.metrics = ServerMetrics(
         lambda: (
@@ -142,14 +282,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             else []
         )
     )
-    server = uvicorn.Server(
+    app = create_app(state, security, access_log_json=args.access_log_format == "json")
+    server = GracefulServer(
         uvicorn.Config(
-            create_app(state),
+            app,
             host=args.host,
             port=args.port,
             log_level=args.log_level,
-            timeout_graceful_shutdown=30,
-        )
+            # Our access line carries the request id; uvicorn's would repeat it without.
+            access_log=False,
+            timeout_graceful_shutdown=args.shutdown_grace_seconds,  # type: ignore[arg-type]
+        ),
+        state,
     )
     engine, started, loaded = start_model(args.model_name, served_name, args)
     failure: list[BaseException] = []
@@ -161,7 +305,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             failure.append(error)
             server.should_exit = True
             return
-        served = ServedModel(served_name, loaded[0], engine, default_max_tokens=args.max_tokens)
+        served = ServedModel(
+            served_name,
+            loaded[0],
+            engine,
+            default_max_tokens=args.max_tokens,
+            default_template_kwargs=template_kwargs,
+        )
         state.service = ChatService([served], state.metrics)
         state.loading = []
         logger.info(
