@@ -94,3 +94,44 @@ def scripted_server(
         yield server
     finally:
         server.stop()
+
+
+AGENT_SCRIPT = (
+    "<think>\nThe user wants the weather, so I call the tool.\n</think>\n\n"
+    "Let me look that up.\n<tool_call>\n"
+    '{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}\n'
+    "</tool_call>"
+)
+
+
+@pytest.fixture(scope="session")
+def agent_server(
+    qwen3_tokenizer_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerProcess]:
+    """The real server whose model thinks, says a sentence, then calls `get_weather`."""
+    from scripted_model import write_scripted_model
+    from transformers import AutoTokenizer
+
+    tokens = AutoTokenizer.from_pretrained(qwen3_tokenizer_path).encode(AGENT_SCRIPT)
+    folder = tmp_path_factory.mktemp("agent")
+    model_file, model_dir = write_scripted_model(folder, list(tokens))
+    server = ServerProcess(
+        [
+            "--model-name",
+            str(model_dir),
+            "--served-model-name",
+            "agent",
+            "--custom-model",
+            str(model_file),
+            "--max-running",
+            "8",
+            "--log-level",
+            "warning",
+        ],
+        folder / "server.log",
+    )
+    try:
+        server.wait_healthy()
+        yield server
+    finally:
+        server.stop()
