@@ -11,12 +11,39 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
 from .errors import InvalidRequestError
 
 MAX_STOP_SEQUENCES = 16
 MAX_CHOICES = 16
+# apply_chat_template's own parameters: as template variables they would break the call.
+RESERVED_TEMPLATE_KWARGS = frozenset(
+    {
+        "conversation",
+        "messages",
+        "tools",
+        "documents",
+        "chat_template",
+        "add_generation_prompt",
+        "continue_final_message",
+        "tokenize",
+        "padding",
+        "truncation",
+        "max_length",
+        "return_tensors",
+        "return_dict",
+        "return_assistant_tokens_mask",
+        "tokenizer_kwargs",
+    }
+)
 
 
 class WireModel(BaseModel):
@@ -46,6 +73,22 @@ class ChatMessage(WireModel):
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
     reasoning_content: str | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts_only(cls, value: Any) -> Any:
+        # Says what is wrong, where the union's own error would name a branch ("content.str").
+        if isinstance(value, list):
+            for index, part in enumerate(value):
+                kind = part.get("type") if isinstance(part, dict) else None
+                if isinstance(kind, str) and kind != "text":
+                    raise ValueError(
+                        f"content part {index} has type {kind!r}, but this server accepts "
+                        "only text parts"
+                    )
+        elif value is not None and not isinstance(value, str):
+            raise ValueError("content must be a string, a list of text parts, or null")
+        return value
 
     def text(self) -> str:
         if self.content is None:
@@ -110,7 +153,13 @@ class SamplingFields(WireModel):
     frequency_penalty: Penalty | None = None
     repetition_penalty: Annotated[float, Field(gt=0.0, le=10.0)] | None = None
     seed: int | None = None
-    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
+    logit_bias: (
+        dict[
+            Annotated[str, Field(pattern=r"^[0-9]{1,9}$")],
+            Annotated[float, Field(ge=-100.0, le=100.0)],
+        ]
+        | None
+    ) = None
     stop: str | Annotated[list[str], Field(max_length=MAX_STOP_SEQUENCES)] | None = None
     n: Annotated[int, Field(ge=1, le=MAX_CHOICES)] = 1
     stream: bool = False
@@ -123,6 +172,14 @@ class SamplingFields(WireModel):
         stops = [value] if isinstance(value, str) else value or []
         if any(stop == "" for stop in stops):
             raise ValueError("stop sequences must not be empty")
+        return value
+
+    @field_validator("stream_options")
+    @classmethod
+    def _only_when_streaming(cls, value: Any, info: ValidationInfo) -> Any:
+        # As OpenAI and vLLM answer it: the option would otherwise be silently ignored.
+        if value is not None and not info.data.get("stream"):
+            raise ValueError("stream_options is only allowed when stream is true")
         return value
 
     def stop_list(self) -> list[str]:
@@ -141,6 +198,14 @@ class ChatCompletionRequest(SamplingFields):
     parallel_tool_calls: bool | None = None
     response_format: ResponseFormat | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _template_variables_only(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        reserved = sorted(set(value or ()) & RESERVED_TEMPLATE_KWARGS)
+        if reserved:
+            raise ValueError(f"{', '.join(reserved)} cannot be set through chat_template_kwargs")
+        return value
 
     def token_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
@@ -310,10 +375,44 @@ class ModelList(BaseModel):
 # Parsing ---------------------------------------------------------------------------------
 
 
+# Errors that only say "not this branch's type": for a union, pydantic reports every branch.
+_TYPE_MISMATCHES = frozenset(
+    {
+        "string_type",
+        "int_type",
+        "float_type",
+        "bool_type",
+        "list_type",
+        "dict_type",
+        "model_type",
+        "model_attributes_type",
+        "literal_error",
+        "none_required",
+        "is_instance_of",
+    }
+)
+
+
+def _is_branch_tag(part: str | int) -> bool:
+    """A location part naming a union branch (`str`, `list[str]`, `NamedToolChoice`) or a
+    dict key (`[key]`) rather than a field: wire fields are lower-case identifiers."""
+    if not isinstance(part, str):
+        return False
+    builtin = part in ("str", "int", "float", "bool", "list", "dict")
+    return builtin or "[" in part or part[:1].isupper()
+
+
 def describe_validation_error(error: ValidationError) -> InvalidRequestError:
-    """The first problem pydantic found, as OpenAI words it: a message and the param's path."""
-    first = error.errors()[0]
-    param = ".".join(str(part) for part in first["loc"]) or None
+    """One problem pydantic found, as OpenAI words it: a message and the param's path.
+
+    Within a union, the branch that matched the input's type knows what is wrong with it
+    ("at most 16 items"), where the others only say "not a string"; failing that, the error
+    deepest in the input is the most specific.
+    """
+    errors = error.errors()
+    deepest = max(errors, key=lambda e: len(e["loc"]))
+    first = next((e for e in errors if e["type"] not in _TYPE_MISMATCHES), deepest)
+    param = ".".join(str(part) for part in first["loc"] if not _is_branch_tag(part)) or None
     return InvalidRequestError(f"Invalid value for '{param}': {first['msg']}", param=param)
 
 

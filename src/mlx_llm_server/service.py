@@ -166,6 +166,16 @@ def sampling_from(
     )
 
 
+def _check_logit_bias(request: wire.SamplingFields, vocab_size: int) -> None:
+    # Refused as OpenAI does, rather than ignored: a bias on no token is a mistake.
+    for key in request.logit_bias or {}:
+        if int(key) >= vocab_size:
+            raise InvalidRequestError(
+                f"Invalid key in 'logit_bias': {key}. Token ids must be below {vocab_size}.",
+                param="logit_bias",
+            )
+
+
 def _choice_seed(seed: int | None, index: int) -> int | None:
     # Choices of one request differ from each other, yet each is reproducible.
     return None if seed is None else seed + index
@@ -286,6 +296,7 @@ class ChatService:
         """Everything that can fail with a 4xx, done before a response starts."""
         started = time.monotonic()
         served = self.model(request.model)
+        _check_logit_bias(request, served.loaded.vocab_size)
         top_logprobs = request.top_logprobs or 0
         if top_logprobs and not request.logprobs:
             raise InvalidRequestError(
@@ -397,6 +408,7 @@ class ChatService:
     async def prepare_completion(self, request: wire.CompletionRequest) -> Generation:
         started = time.monotonic()
         served = self.model(request.model)
+        _check_logit_bias(request, served.loaded.vocab_size)
         if request.suffix:
             raise InvalidRequestError("suffix is not supported.", param="suffix")
         if request.best_of is not None and request.best_of != request.n:
