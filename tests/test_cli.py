@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 
-from mlx_llm_server.cli import DEFAULT_MODEL, DEFAULT_PORT, build_parser
+from mlx_llm_server.cli import DEFAULT_MODEL, DEFAULT_PORT, build_parser, model_specs
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -21,7 +21,8 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 def test_defaults_are_the_specified_ones() -> None:
     args = build_parser().parse_args([])
-    assert args.model_name == DEFAULT_MODEL == "mlx-community/Qwen3-8B-4bit"
+    [spec] = model_specs(args)
+    assert spec.name == spec.model_id == DEFAULT_MODEL == "mlx-community/Qwen3-8B-4bit"
     assert args.port == DEFAULT_PORT == 9044
     assert args.host == "127.0.0.1"
 
@@ -47,3 +48,14 @@ def test_hub_model_offline_says_how_to_start_the_built_in_one() -> None:
     assert "Traceback" not in result.stderr
     assert "smollm2" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_several_models_with_ids() -> None:
+    args = build_parser().parse_args(
+        ["--model-name", "small=smollm2", "--model-name", "/models/qwen", "--load-on-demand"]
+    )
+    specs = model_specs(args)
+    assert [(s.model_id, s.name, s.lazy) for s in specs] == [
+        ("small", "smollm2", False),
+        ("/models/qwen", "/models/qwen", True),
+    ]

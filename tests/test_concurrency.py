@@ -42,8 +42,16 @@ def prompts(count: int) -> list[list[dict[str, str]]]:
 async def greedy_texts(
     base_url: str, conversations: list[list[dict[str, str]]], concurrent: bool
 ) -> list[str]:
-    client = openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0)
+    # Closed before the event loop ends, so no transport outlives its loop.
+    async with openai.AsyncOpenAI(
+        base_url=f"{base_url}/v1", api_key="unused", max_retries=0
+    ) as client:
+        return await _greedy_texts(client, conversations, concurrent)
 
+
+async def _greedy_texts(
+    client: openai.AsyncOpenAI, conversations: list[list[dict[str, str]]], concurrent: bool
+) -> list[str]:
     async def one(messages: list[dict[str, str]]) -> str:
         stream = await client.chat.completions.create(
             model=MODEL, messages=messages, max_tokens=24, temperature=0, logit_bias=NO_EOS, stream=True  # type: ignore[arg-type]
@@ -72,13 +80,14 @@ def test_no_sampling_option_switches_batching_off(tiny_server: ServerProcess) ->
         {"temperature": 0.9, "extra_body": {"repetition_penalty": 1.3}},
         {"temperature": 0.8, "logprobs": True, "top_logprobs": 3},
     ]
-    client = openai.AsyncOpenAI(
-        base_url=f"{tiny_server.base_url}/v1", api_key="unused", max_retries=0
-    )
     steps_before = metric(tiny_server, "mlx_llm_decode_steps_total")
     rows_before = metric(tiny_server, "mlx_llm_decode_rows_total")
 
     async def run_all() -> None:
+        client = openai.AsyncOpenAI(
+            base_url=f"{tiny_server.base_url}/v1", api_key="unused", max_retries=0
+        )
+
         async def one(extra: dict[str, object]) -> None:
             bias = {**NO_EOS, **extra.pop("logit_bias", {})}  # type: ignore[dict-item]
             completion = await client.chat.completions.create(
@@ -86,7 +95,8 @@ def test_no_sampling_option_switches_batching_off(tiny_server: ServerProcess) ->
             )
             assert completion.usage is not None and completion.usage.completion_tokens == 40
 
-        await asyncio.gather(*(one(dict(o)) for o in options))
+        async with client:
+            await asyncio.gather(*(one(dict(o)) for o in options))
 
     asyncio.run(run_all())
     steps = metric(tiny_server, "mlx_llm_decode_steps_total") - steps_before

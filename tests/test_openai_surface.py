@@ -83,7 +83,7 @@ def test_completion_stream_and_logprobs(client: openai.OpenAI) -> None:
 def test_same_seed_same_output_even_under_load(tiny_server: ServerProcess) -> None:
     aclient = openai.AsyncOpenAI(base_url=f"{tiny_server.base_url}/v1", api_key="x", max_retries=0)
 
-    async def seeded(seed: int) -> str:
+    async def seeded(seed: int) -> str:  # the client is closed inside the loop, below
         completion = await aclient.chat.completions.create(
             model=MODEL,
             messages=QUESTION,
@@ -95,10 +95,11 @@ def test_same_seed_same_output_even_under_load(tiny_server: ServerProcess) -> No
         return completion.choices[0].message.content or ""
 
     async def scenario() -> tuple[str, str, str, list[str]]:
-        alone = await seeded(42)
-        again = await seeded(42)
-        other = await seeded(7)
-        crowded = await asyncio.gather(*(seeded(s) for s in (42, 1, 2, 3, 42)))
+        async with aclient:
+            alone = await seeded(42)
+            again = await seeded(42)
+            other = await seeded(7)
+            crowded = await asyncio.gather(*(seeded(s) for s in (42, 1, 2, 3, 42)))
         return alone, again, other, list(crowded)
 
     alone, again, other, crowded = asyncio.run(scenario())

@@ -225,3 +225,10 @@ def test_qwen3_token_boundaries(qwen3_tokenizer) -> None:
     assert "".join(pieces) == text
     assert "<think>" in pieces and "</think>" in pieces
     assert joined(stream(pieces)) == ("Hello there! 👋 Nice to meet you.", "The user greets me.")
+
+
+def test_a_long_run_of_leading_whitespace_is_content_without_waiting_for_the_end() -> None:
+    parser = ReasoningParser()
+    pieces = [d for _ in range(20) for d in parser.feed("\n")]
+    assert "".join(p.content for p in pieces) == "\n" * 20
+    assert not any(p.reasoning for p in pieces)

@@ -22,7 +22,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import protocol as wire
-from .errors import InvalidRequestError, ServerError, ServerOverloadedError, ServiceUnavailableError
+from .errors import (
+    InvalidRequestError,
+    ModelNotFoundError,
+    ServerError,
+    ServerOverloadedError,
+    ServiceUnavailableError,
+)
 from .metrics import CONTENT_TYPE, ServerMetrics
 from .security import SecurityConfig, SecurityMiddleware
 from .service import (
@@ -295,27 +301,38 @@ def create_app(
             return JSONResponse({"status": "stopping"}, status_code=503)
         if state.service is None:
             return JSONResponse({"status": "loading", "loading": state.loading}, status_code=503)
-        models = state.service.models()
-        if not all(m.engine.running for m in models):
-            return JSONResponse({"status": "engine_stopped"}, status_code=503)
-        return JSONResponse({"status": "ok", "models": [m.model_id for m in models]})
+        pool = state.service.pool
+        models = pool.status()
+        if not pool.healthy():
+            stopped = any(m.engine.failure is not None for m in pool.ready())
+            failed = any(s == "failed" for s in models.values())
+            status = "engine_stopped" if stopped else "failed" if failed else "loading"
+            return JSONResponse({"status": status, "models": models}, status_code=503)
+        body: dict[str, Any] = {"status": "ok", "models": [m.model_id for m in pool.ready()]}
+        if any(s != "ready" for s in models.values()):
+            body["not_loaded"] = [m for m, s in models.items() if s != "ready"]
+        return JSONResponse(body)
 
     @app.get("/metrics")
     async def metrics() -> Response:
         if state.metrics is None:
             raise ServiceUnavailableError("Metrics are not available yet.")
+        for served in state.service.pool.ready() if state.service else []:
+            state.metrics.engine_up.labels(served.model_id).set(float(served.engine.running))
         return Response(state.metrics.render(), media_type=CONTENT_TYPE)
 
     @app.get("/v1/models")
     async def list_models() -> wire.ModelList:
-        service = state.ready_service()
-        cards = [wire.ModelCard(id=m.model_id, created=m.created) for m in service.models()]
+        pool = state.ready_service().pool
+        cards = [wire.ModelCard(id=m, created=pool.created(m)) for m in pool.ids()]
         return wire.ModelList(data=cards)
 
     @app.get("/v1/models/{model_id:path}")
     async def get_model(model_id: str) -> wire.ModelCard:
-        served = state.ready_service().model(model_id)
-        return wire.ModelCard(id=served.model_id, created=served.created)
+        pool = state.ready_service().pool
+        if model_id not in pool.ids():
+            raise ModelNotFoundError(f"The model '{model_id}' does not exist.", param="model")
+        return wire.ModelCard(id=model_id, created=pool.created(model_id))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:

@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import threading
-from collections.abc import Sequence
-from concurrent.futures import Future
+import time
+from collections.abc import Callable, Sequence
 from types import FrameType
 
 import uvicorn
@@ -18,6 +19,7 @@ from .engine.engine import Engine, EngineConfig, EngineModel
 from .metrics import ServerMetrics
 from .models.loader import LoadedModel, ModelLoadError, load, resolve_model_path
 from .models.registry import model_registry
+from .pool import ModelPool, ModelSpec, estimate_nbytes
 from .security import (
     API_KEY_ENV,
     LOOPBACK_HOSTS,
@@ -41,13 +43,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--model-name",
-        default=DEFAULT_MODEL,
-        help="hub id, local folder, .gguf file or built-in name (default: %(default)s)",
+        action="append",
+        metavar="[ID=]MODEL",
+        help=f"hub id, local folder, .gguf file or built-in name; repeat to serve several, "
+        f"ID= names it for requests (default: {DEFAULT_MODEL})",
     )
     parser.add_argument(
         "--served-model-name",
         default=None,
-        help="the id clients use in `model` (default: the --model-name as given)",
+        help="the id clients use in `model` for a single model (default: the --model-name)",
+    )
+    parser.add_argument(
+        "--load-on-demand",
+        action="store_true",
+        help="load every model but the first when a request first names it",
+    )
+    parser.add_argument(
+        "--idle-unload-minutes",
+        type=float,
+        default=None,
+        help="unload an on-demand model nobody used for this long",
+    )
+    parser.add_argument(
+        "--memory-budget-gb",
+        type=float,
+        default=None,
+        help="before loading a model, unload idle ones so the weights stay within this budget",
     )
     parser.add_argument(
         "--host", default="127.0.0.1", help="address to bind (default: %(default)s)"
@@ -106,6 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-thinking",
         action="store_true",
         help="switch reasoning off by default (chat_template_kwargs enable_thinking=false)",
+    )
+    parser.add_argument(
+        "--bundled-blas",
+        action="store_true",
+        help="on a Linux CPU, keep MLX's bundled BLAS instead of preloading the system's OpenBLAS",
     )
     parser.add_argument(
         "--custom-model",
@@ -231,25 +257,90 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     )
 
 
-def start_model(
-    name: str, served_name: str, args: argparse.Namespace
-) -> tuple[Engine, Future[EngineModel], list[LoadedModel]]:
-    """Starts an engine whose thread loads the model; `loaded` is filled in by that thread."""
-    engine = Engine(engine_config(args))
-    loaded: list[LoadedModel] = []
+def model_specs(args: argparse.Namespace) -> list[ModelSpec]:
+    names = args.model_name or [DEFAULT_MODEL]
+    specs = []
+    for index, item in enumerate(names):
+        alias, sep, name = item.partition("=")
+        # A Windows-free heuristic: `id=model` unless the left side looks like a path.
+        if not sep or "/" in alias or not alias:
+            alias, name = "", item
+        model_id = alias or (args.served_model_name if len(names) == 1 else None) or name
+        specs.append(ModelSpec(model_id, name, lazy=args.load_on_demand and index > 0))
+    if len({s.model_id for s in specs}) != len(specs):
+        raise ValueError("two models have the same id; name them with ID=MODEL")
+    return specs
 
-    def setup() -> EngineModel:
-        from .text.grammar import apply_grammar_masks
 
-        model = load(name, context_length=args.context_length)
-        loaded.append(model)
-        return EngineModel(model.model, model.vocab_size, grammar_masker=apply_grammar_masks)
+def model_starter(
+    args: argparse.Namespace, template_kwargs: dict[str, object]
+) -> Callable[[ModelSpec], ServedModel]:
+    def start(spec: ModelSpec) -> ServedModel:
+        """Starts an engine whose thread loads the model; blocks until it serves."""
+        engine = Engine(engine_config(args))
+        loaded: list[LoadedModel] = []
 
-    return engine, engine.start(setup), loaded
+        def setup() -> EngineModel:
+            from .text.grammar import apply_grammar_masks
+
+            model = load(spec.name, context_length=args.context_length)
+            loaded.append(model)
+            return EngineModel(model.model, model.vocab_size, grammar_masker=apply_grammar_masks)
+
+        engine.start(setup).result()
+        logger.info(
+            "%s: context %d tokens, warm-up %.1fs",
+            spec.model_id,
+            loaded[0].context_length,
+            engine.warm_up_seconds,
+        )
+        return ServedModel(
+            spec.model_id,
+            loaded[0],
+            engine,
+            default_max_tokens=args.max_tokens,
+            default_template_kwargs=dict(template_kwargs),
+        )
+
+    return start
+
+
+OPENBLAS_CANDIDATES = (
+    "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3",
+    "/usr/lib/aarch64-linux-gnu/openblas-pthread/libblas.so.3",
+    "/usr/lib64/libopenblas.so.0",
+)
+
+
+def _restart_with_openblas(argv: Sequence[str] | None) -> None:
+    """On a Linux CPU, restarts the process with the system's OpenBLAS preloaded.
+
+    MLX's CPU wheel bundles a reference BLAS; OpenBLAS makes float32 matrix products ~30x
+    faster (bench/NOTES.md). A BLAS can only be swapped before the process starts, hence the
+    exec. `--bundled-blas` or MLX_LLM_SERVER_BUNDLED_BLAS=1 keeps the bundled one.
+    """
+    if sys.platform != "linux" or os.environ.get("MLX_LLM_SERVER_BUNDLED_BLAS"):
+        return
+    if "openblas" in os.environ.get("LD_PRELOAD", ""):
+        return
+    import mlx.core as mx
+
+    if mx.default_device() != mx.cpu:
+        return
+    library = next((path for path in OPENBLAS_CANDIDATES if os.path.exists(path)), None)
+    if library is None:
+        return
+    env = {**os.environ, "LD_PRELOAD": library}
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, "-m", "mlx_llm_server", *arguments], env)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if not args.bundled_blas:
+        _restart_with_openblas(argv)
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -265,23 +356,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         for file in args.custom_model:
             model_type = model_registry.register_file(file)
             logger.info("registered model_type %r from %s", model_type, file)
-        resolve_model_path(args.model_name)  # fails fast, before the port is taken
+        specs = model_specs(args)
+        for spec in specs:
+            resolve_model_path(spec.name)  # fails fast, before the port is taken
     except (ModelLoadError, OSError, TypeError, ValueError) as error:
         print(f"mlx-llm-server: {error}", file=sys.stderr)
         return 1
 
-    served_name = args.served_model_name or args.model_name
     template_kwargs = dict(args.chat_template_kwargs)
     if args.no_thinking:
         template_kwargs["enable_thinking"] = False
-    state = AppState(loading=[served_name])
-    state.metrics = ServerMetrics(
-        lambda: (
-            [(m.model_id, m.engine.stats()) for m in state.service.models()]
-            if state.service
-            else []
-        )
+    idle = args.idle_unload_minutes * 60 if args.idle_unload_minutes is not None else None
+    budget = int(args.memory_budget_gb * 1e9) if args.memory_budget_gb is not None else None
+    pool = ModelPool(
+        specs,
+        model_starter(args, template_kwargs),
+        idle_unload_seconds=idle,
+        memory_budget_bytes=budget,
+        estimate=lambda spec: estimate_nbytes(resolve_model_path(spec.name)),
     )
+    state = AppState(loading=[s.model_id for s in specs if not s.lazy])
+    state.metrics = ServerMetrics(lambda: [(m.model_id, m.engine.stats()) for m in pool.ready()])
+    state.service = ChatService(pool, state.metrics)
     app = create_app(state, security, access_log_json=args.access_log_format == "json")
     server = GracefulServer(
         uvicorn.Config(
@@ -295,38 +391,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         ),
         state,
     )
-    engine, started, loaded = start_model(args.model_name, served_name, args)
     failure: list[BaseException] = []
 
     def when_loaded() -> None:
         try:
-            started.result()
+            for future in pool.start_eager():
+                future.result()
         except BaseException as error:
             failure.append(error)
             server.should_exit = True
             return
-        served = ServedModel(
-            served_name,
-            loaded[0],
-            engine,
-            default_max_tokens=args.max_tokens,
-            default_template_kwargs=template_kwargs,
-        )
-        state.service = ChatService([served], state.metrics)
         state.loading = []
-        logger.info(
-            "serving %s on http://%s:%d/v1 (context %d tokens, warm-up %.1fs)",
-            served_name,
-            args.host,
-            args.port,
-            loaded[0].context_length,
-            engine.warm_up_seconds,
+        ready = ", ".join(m.model_id for m in pool.ready())
+        lazy = [s.model_id for s in specs if s.lazy]
+        on_demand = f"; on demand: {', '.join(lazy)}" if lazy else ""
+        print(
+            f"MLX LLM Server listening on http://{args.host}:{args.port}/v1 — ready: {ready}"
+            f"{on_demand}",
+            flush=True,
         )
+        while idle is not None and not server.should_exit:
+            time.sleep(min(idle / 4, 30.0))
+            pool.unload_idle()
 
     threading.Thread(target=when_loaded, name="model-loader", daemon=True).start()
     server.run()
     state.stopping = True
-    engine.stop()
+    pool.stop()
     if failure:
         print(f"mlx-llm-server: {failure[0]}", file=sys.stderr)
         return 1

@@ -16,7 +16,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from jinja2 import TemplateError
 
@@ -34,7 +34,6 @@ from .engine.types import (
 from .errors import (
     ContextLengthExceededError,
     InvalidRequestError,
-    ModelNotFoundError,
     ServerError,
     ServerOverloadedError,
 )
@@ -42,6 +41,9 @@ from .metrics import RequestTimer, ServerMetrics
 from .models.loader import LoadedModel
 from .text.reasoning import THINK_END, THINK_START, prompt_ends_in_reasoning
 from .text.tool_calls import ToolCallFormat, detect_tool_format, to_template_messages
+
+if TYPE_CHECKING:
+    from .pool import ModelPool
 
 logger = logging.getLogger(__name__)
 
@@ -254,6 +256,7 @@ class Generation:
             self.finishes[index] = event
             return None
         assert isinstance(event, ErrorEvent)
+        self.timer.failed()
         raise event.error if isinstance(event.error, ServerError) else ServerError(str(event.error))
 
     def finish(self, index: int) -> tuple[ChoiceUpdate, str]:
@@ -277,25 +280,14 @@ class Generation:
 
 
 class ChatService:
-    def __init__(self, models: list[ServedModel], metrics: ServerMetrics | None = None) -> None:
-        self._models = {m.model_id: m for m in models}
+    def __init__(self, pool: ModelPool, metrics: ServerMetrics | None = None) -> None:
+        self.pool = pool
         self.metrics = metrics
-
-    def models(self) -> list[ServedModel]:
-        return list(self._models.values())
-
-    def model(self, name: str) -> ServedModel:
-        served = self._models.get(name)
-        if served is None:
-            raise ModelNotFoundError(
-                f"The model '{name}' does not exist or is not served here.", param="model"
-            )
-        return served
 
     async def prepare_chat(self, request: wire.ChatCompletionRequest) -> Generation:
         """Everything that can fail with a 4xx, done before a response starts."""
         started = time.monotonic()
-        served = self.model(request.model)
+        served = await self.pool.get(request.model)
         _check_logit_bias(request, served.loaded.vocab_size)
         top_logprobs = request.top_logprobs or 0
         if top_logprobs and not request.logprobs:
@@ -407,7 +399,7 @@ class ChatService:
 
     async def prepare_completion(self, request: wire.CompletionRequest) -> Generation:
         started = time.monotonic()
-        served = self.model(request.model)
+        served = await self.pool.get(request.model)
         _check_logit_bias(request, served.loaded.vocab_size)
         if request.suffix:
             raise InvalidRequestError("suffix is not supported.", param="suffix")

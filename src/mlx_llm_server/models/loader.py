@@ -17,6 +17,8 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.tokenizer_utils import load as load_tokenizer
 from mlx_lm.utils import load_model as mlx_lm_load_model
 
+from .builtin import BuiltinModelError, resolve_builtin
+from .gguf import load_gguf, preferred_dtype
 from .registry import model_registry
 
 logger = logging.getLogger(__name__)
@@ -52,10 +54,9 @@ class LoadedModel:
 def resolve_model_path(name: str) -> Path:
     """The local path holding `name`, downloading from the hub when needed."""
     try:
-        from .builtin import resolve_builtin
-    except ImportError:  # TEMP until builtin lands
-        resolve_builtin = None  # type: ignore[assignment]
-    builtin = resolve_builtin(name) if resolve_builtin else None
+        builtin = resolve_builtin(name)
+    except BuiltinModelError as error:
+        raise ModelLoadError(str(error)) from None
     if builtin is not None:
         return builtin
     path = Path(name).expanduser()
@@ -80,9 +81,8 @@ def load(name: str, *, context_length: int | None = None) -> LoadedModel:
     path = resolve_model_path(name)
     try:
         if path.is_file() and path.suffix == ".gguf":
-            from .gguf import load_gguf
-
-            model, tokenizer, config = load_gguf(path)
+            # On a CPU, dequantized weights are faster (float32 with OpenBLAS, else bfloat16).
+            model, tokenizer, config = load_gguf(path, dtype=preferred_dtype(path))
         else:
             model, config = mlx_lm_load_model(
                 path, get_model_classes=model_registry.get_model_classes

@@ -62,6 +62,9 @@ def prompt_ends_in_reasoning(prompt_text: str, start: str = THINK_START) -> bool
     return prompt_text.rstrip().endswith(start)
 
 
+_MAX_LEADING_WHITESPACE = 8
+
+
 class ReasoningParser:
     """Streaming splitter of one generation into reasoning and content.
 
@@ -121,8 +124,13 @@ class ReasoningParser:
             # Whitespace before the start tag is dropped with it.
             self._buffer = head[len(self._start) :]
             self._phase = _REASONING
-        elif not self._start.startswith(head):
-            self._phase = _CONTENT  # the buffer, leading whitespace included, is content
+        elif not self._start.startswith(head) or (
+            len(self._buffer) - len(head) > _MAX_LEADING_WHITESPACE
+        ):
+            # The buffer, leading whitespace included, is content. Whitespace is held only so
+            # long: a model that opens with a run of blank lines is not about to think, and its
+            # stream must not stall until the end.
+            self._phase = _CONTENT
 
     def _advance_reasoning(self, out: list[ReasoningDelta], final: bool) -> None:
         index = self._buffer.find(self._end)
