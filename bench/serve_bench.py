@@ -47,6 +47,7 @@ class RoundResult:
     clients: int
     wall: float
     timings: list[RequestTiming] = field(default_factory=list)
+    errors: int = 0  # requests that failed (connection reset, HTTP error, no answer)
 
     @property
     def tokens(self) -> int:
@@ -169,19 +170,25 @@ async def run_round(
     limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
     async with httpx.AsyncClient(timeout=httpx.Timeout(1800.0), limits=limits) as http:
 
-        async def client(index: int) -> list[RequestTiming]:
-            timings = []
+        async def client(index: int) -> list[RequestTiming | None]:
+            timings: list[RequestTiming | None] = []
             for r in range(rounds):
-                timing, _ = await stream_once(
-                    http, server, prompt_for(index * 100 + r, prompt_words), output_tokens
-                )
+                try:
+                    timing, _ = await stream_once(
+                        http, server, prompt_for(index * 100 + r, prompt_words), output_tokens
+                    )
+                except httpx.HTTPError as error:
+                    print(f"  {server.name}: request failed: {type(error).__name__}", flush=True)
+                    timing = None
                 timings.append(timing)
             return timings
 
         started = time.perf_counter()
         results = await asyncio.gather(*(client(i) for i in range(clients)))
         wall = time.perf_counter() - started
-    return RoundResult(clients, wall, [t for per_client in results for t in per_client])
+    timings = [t for per_client in results for t in per_client]
+    done = [t for t in timings if t is not None]
+    return RoundResult(clients, wall, done, errors=len(timings) - len(done))
 
 
 async def chat_turns(server: Server, turns: int, output_tokens: int) -> list[float]:
@@ -272,7 +279,8 @@ def main() -> int:
     model_dir = args.model or build_model(
         args.build, args.log_dir / f"model-{args.build}", args.tokenizer_dir
     )
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT / "src")}
+    python_path = os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": python_path}
     blas = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3"
     if args.openblas and Path(blas).exists():
         env["LD_PRELOAD"] = blas
@@ -318,7 +326,11 @@ def main() -> int:
             startup[name] = server.wait_ready(model_ids[name], timeout=1800)
             if args.warmup:
                 for n in client_counts:
-                    asyncio.run(run_round(server, n, 1, args.prompt_words, 8))
+                    warm = asyncio.run(run_round(server, n, 1, args.prompt_words, 8))
+                    print(
+                        f"  {name:7} warm-up N={n:<3} {warm.wall:.1f}s, {warm.errors} failed",
+                        flush=True,
+                    )
             results[name] = {}
             for n in client_counts:
                 results[name][n] = asyncio.run(
@@ -329,7 +341,11 @@ def main() -> int:
                     f"  {name:7} N={n:<3} {r.throughput:9.1f} tok/s  TTFT p50 {r.ttft(50):.3f}s",
                     flush=True,
                 )
-            turns[name] = asyncio.run(chat_turns(server, args.turns, 32))
+            try:
+                turns[name] = asyncio.run(chat_turns(server, args.turns, 32))
+            except httpx.HTTPError as error:
+                print(f"  {name}: chat scenario failed: {type(error).__name__}", flush=True)
+                turns[name] = [float("nan")] * args.turns
         finally:
             server.stop()
 
@@ -339,7 +355,7 @@ def main() -> int:
         f"{args.rounds} requests per client | {platform.machine()} | warmup={args.warmup}"
     )
     print("start-up to first answer: " + ", ".join(f"{n} {s:.1f}s" for n, s in startup.items()))
-    header = f"{'server':8} {'N':>3} {'tok/s':>9} {'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>9} {'ITL p99':>9}"
+    header = f"{'server':8} {'N':>3} {'tok/s':>9} {'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>9} {'ITL p99':>9} {'failed':>6}"
     print(header)
     print("-" * len(header))
     for name in names:
@@ -370,6 +386,7 @@ def main() -> int:
             name: {
                 str(n): {
                     "tok_s": r.throughput,
+                    "failed": r.errors,
                     "ttft_p50": r.ttft(50),
                     "ttft_p99": r.ttft(99),
                     "itl_p50": r.itl(50),

@@ -187,6 +187,12 @@ class Engine:
     # Engine thread -----------------------------------------------------------------------
 
     def _run(self, setup: Callable[[], EngineModel], started: Future[EngineModel]) -> None:
+        # Generation gets a stream of its own, as mlx-lm's generate does, so the asynchronous
+        # evaluation of step t+1 queues behind nothing else.
+        with mx.stream(mx.new_stream(mx.default_device())):
+            self._serve(setup, started)
+
+    def _serve(self, setup: Callable[[], EngineModel], started: Future[EngineModel]) -> None:
         try:
             loaded = setup()
             self.model = loaded.model
@@ -309,7 +315,13 @@ class Engine:
                 room = self.config.max_running - len(self._batch) - len(ready)
                 if not self._waiting or room <= 0:
                     break
-                self._start_prefill(self._waiting.popleft())
+                waiting = self._waiting.popleft()
+                try:
+                    self._start_prefill(waiting)
+                except Exception as error:  # e.g. no memory for its cache: fail it alone
+                    logger.exception("prefill failed to start for %s", waiting.request_id)
+                    self._fail(waiting, error)
+                    continue
             sequence = self._prefilling[0]
             try:
                 done = self._prefill_chunk(sequence, budget)
@@ -318,6 +330,7 @@ class Engine:
                 self._prefilling.remove(sequence)
                 sequence.prompt_cache = None
                 self._fail(sequence, error)
+                mx.clear_cache()  # give back what the failed step held, for the next ones
                 continue
             budget -= done[0]
             if done[1] is not None:
@@ -325,9 +338,17 @@ class Engine:
                 ready.append((sequence, *done[1]))
         if ready:
             sequences = [r[0] for r in ready]
-            self._batch.add(
-                sequences, [r[1] for r in ready], [r[2] for r in ready], [r[3] for r in ready]
-            )
+            try:
+                self._batch.add(
+                    sequences, [r[1] for r in ready], [r[2] for r in ready], [r[3] for r in ready]
+                )
+            except Exception as error:
+                # The batch may be half extended, so its rows fail too; the engine goes on.
+                logger.exception("joining the batch failed")
+                for sequence in [*self._batch.sequences, *sequences]:
+                    self._fail(sequence, error)
+                self._batch.keep([])
+                mx.clear_cache()
             for sequence in sequences:
                 sequence.prompt_cache = None
 
@@ -382,10 +403,12 @@ class Engine:
         try:
             read = self._batch.step()
         except Exception as error:
+            # One step computes every row, so a failure fails them all; the engine goes on.
             logger.exception("decode step failed")
             for sequence in self._batch.sequences:
                 self._fail(sequence, error)
             self._batch.keep([])
+            mx.clear_cache()
             return
         finished: dict[int, FinishReason] = {}
         for row, token in enumerate(read):
@@ -396,7 +419,10 @@ class Engine:
             for row, reason in finished.items():
                 sequence = self._batch.sequences[row]
                 if reason == "stop" or reason == "length":
-                    self.prefix_cache.store(sequence.tokens, self._batch.extract_cache(row))
+                    try:
+                        self.prefix_cache.store(sequence.tokens, self._batch.extract_cache(row))
+                    except Exception:  # a cache that can't be kept costs reuse, not the request
+                        logger.exception("storing the prefix of %s failed", sequence.request_id)
                 self._finish(sequence, reason)
             self._batch.keep([r for r in range(len(self._batch)) if r not in finished])
 

@@ -85,6 +85,7 @@ class SamplingBatch:
         self.any_top_p = any(r.top_p < 1.0 for r in p)
         self.any_min_p = any(r.min_p > 0.0 for r in p)
         self.any_penalty = any(r.uses_penalties for r in p)
+        self.want_logprobs = any(r.logprobs for r in p)
         self.top_logprobs_width = max((r.top_logprobs for r in p if r.logprobs), default=0)
         self.presence = mx.array([r.presence_penalty for r in p], dtype=mx.float32)[:, None]
         self.frequency = mx.array([r.frequency_penalty for r in p], dtype=mx.float32)[:, None]
@@ -144,19 +145,34 @@ class SamplingBatch:
         return out
 
     def sample(self, logits: mx.array) -> SampleOutput:
-        """Samples one token per row from `logits` (B, V). Lazy: nothing is evaluated here."""
+        """Samples one token per row from `logits` (B, V). Lazy: nothing is evaluated here.
+
+        Only what some row needs is computed: greedy rows need an argmax, sampled rows
+        Gumbel noise over their filtered logits, and normalised log-probabilities are built only
+        for top-p filtering or when logprobs were asked for.
+        """
+        rows = len(self.params)
+        if self.all_greedy and not (
+            self.want_logprobs or self.any_penalty or self.bias is not None
+        ):
+            tokens = mx.argmax(logits, axis=-1).astype(mx.int32)
+            self._advance(tokens)
+            return SampleOutput(tokens, mx.zeros((rows,), dtype=mx.float32))
         logits = logits.astype(mx.float32)
         if self.bias is not None:
             logits = logits + self.bias
         if self.any_penalty and self.generated_counts is not None:
             logits = self._apply_penalties(logits)
-        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        tokens = mx.argmax(logprobs, axis=-1).astype(mx.int32)
+        tokens = mx.argmax(logits, axis=-1).astype(mx.int32)
         if not self.all_greedy:
-            sampled = self._sample_random(logprobs)
+            sampled = self._sample_random(logits)
             tokens = (
                 mx.where(self.temperature <= 1e-5, tokens, sampled) if self.any_greedy else sampled
             )
+        if not self.want_logprobs:
+            self._advance(tokens)
+            return SampleOutput(tokens, mx.zeros((rows,), dtype=mx.float32))
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         chosen = mx.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
         output = SampleOutput(tokens, chosen)
         if self.top_logprobs_width > 0:
@@ -164,11 +180,14 @@ class SamplingBatch:
             top_ids = mx.argpartition(-logprobs, kth=k - 1, axis=-1)[:, :k].astype(mx.int32)
             output.top_ids = top_ids
             output.top_logprobs = mx.take_along_axis(logprobs, top_ids, axis=-1)
+        self._advance(tokens)
+        return output
+
+    def _advance(self, tokens: mx.array) -> None:
         if self.generated_counts is not None:
             rows = mx.arange(len(self.params))
             self.generated_counts = self.generated_counts.at[rows, tokens].add(1.0)
         self.seed_steps = [s + 1 for s in self.seed_steps]
-        return output
 
     def _apply_penalties(self, logits: mx.array) -> mx.array:
         counts = self.generated_counts
@@ -181,9 +200,10 @@ class SamplingBatch:
         logits = mx.where(seen, penalised, logits)
         return logits - counts * self.frequency - generated.astype(mx.float32) * self.presence
 
-    def _sample_random(self, logprobs: mx.array) -> mx.array:
-        scaled = logprobs / self.temperature[:, None]
-        scaled = scaled - mx.logsumexp(scaled, axis=-1, keepdims=True)
+    def _sample_random(self, logits: mx.array) -> mx.array:
+        scaled = logits / self.temperature[:, None]
+        if self.any_top_p:  # top-p needs probabilities; the other filters do not
+            scaled = scaled - mx.logsumexp(scaled, axis=-1, keepdims=True)
         if self.any_top_k or self.any_top_p:
             descending = -mx.sort(-scaled, axis=-1)
             if self.any_top_k:
