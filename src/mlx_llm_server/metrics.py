@@ -8,7 +8,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -55,6 +62,20 @@ class _EngineCollector(Collector):
             for model, s in stats:
                 counter.add_metric([model], getattr(s, field))
             yield counter
+        yield from _mlx_memory()
+
+
+def _mlx_memory() -> Iterator[Metric]:
+    """MLX's allocator counters (process-wide: weights, KV caches, temporaries, its cache)."""
+    import mlx.core as mx  # here, so that importing this module stays free of MLX
+
+    readings = {
+        "mlx_llm_mlx_active_memory_bytes": (mx.get_active_memory, "Memory held by MLX arrays"),
+        "mlx_llm_mlx_peak_memory_bytes": (mx.get_peak_memory, "Most MLX memory held at once"),
+        "mlx_llm_mlx_cache_memory_bytes": (mx.get_cache_memory, "MLX's buffer cache"),
+    }
+    for name, (read, help_text) in readings.items():
+        yield GaugeMetricFamily(name, help_text, value=read())
 
 
 class ServerMetrics:
@@ -93,7 +114,22 @@ class ServerMetrics:
         self.completion_tokens = Counter(
             "mlx_llm_completion_tokens", "Generated tokens", ["model"], registry=self.registry
         )
+        self.request_errors = Counter(
+            "mlx_llm_request_errors",
+            "Requests that failed inside the engine (a stream then ends with an error event)",
+            ["model"],
+            registry=self.registry,
+        )
+        # Set when scraped: 0 once the engine thread has stopped (/health answers 503 then).
+        self.engine_up = Gauge(
+            "mlx_llm_engine_up",
+            "1 while the engine thread serves",
+            ["model"],
+            registry=self.registry,
+        )
         self.registry.register(_EngineCollector(engine_stats))
+        # process_resident_memory_bytes and friends, as the default registry would have them.
+        ProcessCollector(registry=self.registry)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -116,6 +152,10 @@ class RequestTimer:
         else:
             self._metrics.inter_token.labels(self._model).observe(now - self._last)
         self._last = now
+
+    def failed(self) -> None:
+        if self._metrics is not None:
+            self._metrics.request_errors.labels(self._model).inc()
 
     def finished(self, now: float, prompt_tokens: int, completion_tokens: int) -> None:
         if self._metrics is None:
