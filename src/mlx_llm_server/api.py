@@ -231,6 +231,15 @@ async def well_formed_stream(chunks: AsyncIterator[bytes]) -> AsyncIterator[byte
         yield b"data: [DONE]\n\n"
 
 
+# nginx's status for a client that closed the connection first; nobody reads the response,
+# but the access log and the request counts say what happened.
+CLIENT_CLOSED_REQUEST = 499
+
+
+class ClientDisconnected(Exception):
+    """The client went away before its answer was ready."""
+
+
 async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
     """Runs `work`, cancelling it if the client goes away first (frees its engine slot)."""
     task = asyncio.ensure_future(work)
@@ -240,7 +249,7 @@ async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
             return task.result()
         if await request.is_disconnected():
             task.cancel()
-            raise asyncio.CancelledError("client disconnected")
+            raise ClientDisconnected
 
 
 def streaming_response(generation: Generation, events: AsyncIterator[bytes]) -> Response:
@@ -260,6 +269,8 @@ async def complete(
     generation.start()
     try:
         result = await until_disconnected(request, work)
+    except ClientDisconnected:
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
     finally:
         generation.cancel()
     return Response(result.model_dump_json(), media_type="application/json")

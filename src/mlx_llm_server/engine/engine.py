@@ -420,7 +420,11 @@ class Engine:
                 sequence = self._batch.sequences[row]
                 if reason == "stop" or reason == "length":
                     try:
-                        self.prefix_cache.store(sequence.tokens, self._batch.extract_cache(row))
+                        kept = self._batch.extract_cache(row)
+                        # Evaluated now: a lazy slice holds the whole batch's KV buffer alive,
+                        # many times the bytes the prefix cache counts against its budget.
+                        mx.eval([layer.state for layer in kept])
+                        self.prefix_cache.store(sequence.tokens, kept)
                     except Exception:  # a cache that can't be kept costs reuse, not the request
                         logger.exception("storing the prefix of %s failed", sequence.request_id)
                 self._finish(sequence, reason)
