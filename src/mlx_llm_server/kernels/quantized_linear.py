@@ -1,0 +1,584 @@
+"""Faster 4-bit affine quantized matmul on NVIDIA GPUs.
+
+MLX's CUDA backend (0.32) makes batched decode with quantized models barely faster than one
+stream: given (B, 1, K) activations, ``mx.quantized_matmul`` runs one GEMV per batch entry, and
+on a 2-D input it still runs one GEMV per row below 8 rows. This module adds a tensor-core
+kernel, compiled at first use through ``mx.fast.cuda_kernel``, that reads each 4-bit weight tile
+once for all rows, and a drop-in replacement for ``nn.QuantizedLinear`` that picks per call
+between that kernel, the stock op on the rows flattened to 2-D, and dequantize + matmul
+(``choose_path``; the figures behind it are in bench/NOTES.md, "4-bit matmul on NVIDIA").
+
+The parameters stay exactly as MLX stores them (affine, 4 bits, ``weight``/``scales``/
+``biases``), so checkpoints load unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cache
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_unflatten
+
+__all__ = [
+    "AcceleratedQuantizedEmbedding",
+    "AcceleratedQuantizedLinear",
+    "FusedConfig",
+    "accelerate_quantized_layers",
+    "choose_path",
+    "cuda_gpu_is_default",
+    "dequantize_matmul",
+    "fused_quantized_matmul",
+    "fused_supported",
+    "kernel_source",
+]
+
+# K is walked in chunks of 256 (each lane reads 2 x 16 bytes of packed weights per row).
+_K_CHUNK = 256
+_GROUP_SIZES = (32, 64)
+
+
+@dataclass(frozen=True)
+class FusedConfig:
+    """Tile shape of the fused kernel.
+
+    mt: 8-row tiles of the activations per block (the kernel's MMA "n" side).
+    rt: 16-row tiles of the weight matrix per warp (reuse of each activation fragment).
+    kw: warps per block, each summing a share of K (reduced in shared memory).
+    """
+
+    mt: int
+    rt: int
+    kw: int
+
+
+# Device helpers. The MMA computes W (16 output features) x X^T (8 activation rows), so the
+# batch sits on the narrow side and a single row wastes no weight bandwidth.
+_HEADER = r"""
+__device__ __forceinline__ void qlx_mma(float* c, uint32_t a0, uint32_t a1, uint32_t a2,
+                                        uint32_t a3, uint32_t b0, uint32_t b1, bool bf16) {
+  if (bf16) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  }
+}
+
+__device__ __forceinline__ uint32_t qlx_fma2(uint32_t a, uint32_t b, uint32_t c, bool bf16) {
+  uint32_t d;
+  if (bf16) {
+    asm("fma.rn.bf16x2 %0, %1, %2, %3;\n" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+  } else {
+    asm("fma.rn.f16x2 %0, %1, %2, %3;\n" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+  }
+  return d;
+}
+
+// One packed word holds q0..q7 (q_i in bits 4i..4i+3). out[i] = (w(q_i), w(q_{i+4})) as a
+// 16-bit pair, w(q) = scale * q + bias rounded once. q is made exact first: OR-ing it into the
+// mantissa of 128 (bf16) / 1024 (f16) gives 128 + q, and subtracting 128 is exact.
+__device__ __forceinline__ void qlx_dequant8(uint32_t w, uint32_t s2, uint32_t b2,
+                                             uint32_t* out, bool bf16) {
+  const uint32_t magic = bf16 ? 0x43004300u : 0x64006400u;
+  const uint32_t one = bf16 ? 0x3F803F80u : 0x3C003C00u;
+  const uint32_t neg = bf16 ? 0xC300C300u : 0xE400E400u;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const uint32_t p = ((w >> (4 * i)) & 0x000F000Fu) | magic;
+    out[i] = qlx_fma2(qlx_fma2(p, one, neg, bf16), s2, b2, bf16);
+  }
+}
+
+// Eight consecutive activations e0..e7, paired like the weights: (e0,e4) (e1,e5) (e2,e6) (e3,e7).
+__device__ __forceinline__ void qlx_xpairs(uint4 v, uint32_t* out) {
+  out[0] = __byte_perm(v.x, v.z, 0x5410);
+  out[1] = __byte_perm(v.x, v.z, 0x7632);
+  out[2] = __byte_perm(v.y, v.w, 0x5410);
+  out[3] = __byte_perm(v.y, v.w, 0x7632);
+}
+
+__device__ __forceinline__ uint32_t qlx_word(const uint4& v, int j) {
+  return j == 0 ? v.x : (j == 1 ? v.y : (j == 2 ? v.z : v.w));
+}
+"""
+
+# Kernel body. Grid: x over N / (16 RT) blocks, y over ceil(M / (8 MT)). Each warp owns rows
+# n0 + 16 rt + g (+8) of the fragment and every KW-th chunk of 256 K. In a chunk, lane (g, t)
+# loads 2 x 16 bytes per row, words [16 h + 4 t, 16 h + 4 t + 4) for h = 0, 1, which keeps each
+# 16-byte load in one quantization group (32 values) and every warp load fully coalesced. The
+# MMA's K order is permuted (same on both operands), which leaves the sum unchanged.
+_SOURCE = r"""
+  constexpr int ROWS = 16 * RT;
+  constexpr int COLS = 8 * MT;
+  constexpr int LD = ROWS + 4;  // padded smem row: conflict-free fragment stores
+  // x is (..., K), read in place: no reshape nodes in the graph.
+  const int K = x_shape[x_ndim - 1];
+  int M = 1;
+#pragma unroll
+  for (int i = 0; i < 9; ++i) M *= i < x_ndim - 1 ? x_shape[i] : 1;
+  const int N = w_shape[0];
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int g = lane >> 2;
+  const int t = lane & 3;
+  const int n0 = blockIdx.x * ROWS;
+  const int m0 = blockIdx.y * COLS;
+  const int nchunks = K / 256;
+  const int kwords = K / 8;
+  const int ngroups = K / GS;
+  const uint16_t* sp = reinterpret_cast<const uint16_t*>(scales);
+  const uint16_t* bp = reinterpret_cast<const uint16_t*>(biases);
+  const uint4* xv = reinterpret_cast<const uint4*>(x);
+
+  float acc[RT][MT][4];
+#pragma unroll
+  for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[rt][mt][i] = 0.0f;
+
+  // Activation rows past M are clamped to a valid row (a broadcast read) and zeroed below.
+  int xrow[MT];
+  bool xok[MT];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+    const int m = m0 + mt * 8 + g;
+    xok[mt] = m < M;
+    xrow[mt] = xok[mt] ? m : M - 1;
+  }
+
+  uint4 wc[RT][2][2];
+  uint16_t sc[RT][2][2], bc[RT][2][2];
+  int c = warp;
+
+#define QLX_LOAD(C, WV, SV, BV)                                                      \
+  _Pragma("unroll") for (int rt = 0; rt < RT; ++rt)                                  \
+  _Pragma("unroll") for (int hi = 0; hi < 2; ++hi) {                                 \
+    const size_t row = (size_t)(n0 + rt * 16 + g + 8 * hi);                          \
+    const uint4* wr = reinterpret_cast<const uint4*>(w + row * kwords + (C) * 32);   \
+    _Pragma("unroll") for (int h = 0; h < 2; ++h) {                                  \
+      WV[rt][hi][h] = wr[h * 4 + t];                                                 \
+      const int grp = ((C) * 256 + h * 128 + 32 * t) / GS;                           \
+      SV[rt][hi][h] = sp[row * ngroups + grp];                                       \
+      BV[rt][hi][h] = bp[row * ngroups + grp];                                       \
+    }                                                                                \
+  }
+
+  if (c < nchunks) {
+    QLX_LOAD(c, wc, sc, bc)
+  }
+  for (; c < nchunks; c += KW) {
+    // Issue the next chunk's loads before this chunk's math to keep memory busy.
+    uint4 wn[RT][2][2];
+    uint16_t sn[RT][2][2], bn[RT][2][2];
+    const bool more = c + KW < nchunks;
+    if (more) {
+      QLX_LOAD(c + KW, wn, sn, bn)
+    }
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      uint32_t s2[RT][2], b2[RT][2];
+#pragma unroll
+      for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+        for (int hi = 0; hi < 2; ++hi) {
+          s2[rt][hi] = (uint32_t)sc[rt][hi][h] * 0x10001u;
+          b2[rt][hi] = (uint32_t)bc[rt][hi][h] * 0x10001u;
+        }
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        // uint4 index of x[row][c * 256 + h * 128 + 32 t + 8 j]
+        const int xcol = c * 32 + h * 16 + 4 * t + j;
+        uint32_t xp[MT][4];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          uint4 v = xv[(size_t)xrow[mt] * (K / 8) + xcol];
+          if (!xok[mt]) v = make_uint4(0u, 0u, 0u, 0u);
+          qlx_xpairs(v, xp[mt]);
+        }
+#pragma unroll
+        for (int rt = 0; rt < RT; ++rt) {
+          uint32_t d0[4], d1[4];
+          qlx_dequant8(qlx_word(wc[rt][0][h], j), s2[rt][0], b2[rt][0], d0, BF16);
+          qlx_dequant8(qlx_word(wc[rt][1][h], j), s2[rt][1], b2[rt][1], d1, BF16);
+#pragma unroll
+          for (int mt = 0; mt < MT; ++mt) {
+            qlx_mma(acc[rt][mt], d0[0], d1[0], d0[1], d1[1], xp[mt][0], xp[mt][1], BF16);
+            qlx_mma(acc[rt][mt], d0[2], d1[2], d0[3], d1[3], xp[mt][2], xp[mt][3], BF16);
+          }
+        }
+      }
+    }
+    if (more) {
+#pragma unroll
+      for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+        for (int hi = 0; hi < 2; ++hi)
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            wc[rt][hi][h] = wn[rt][hi][h];
+            sc[rt][hi][h] = sn[rt][hi][h];
+            bc[rt][hi][h] = bn[rt][hi][h];
+          }
+    }
+  }
+#undef QLX_LOAD
+
+  // Sum the KW warps' partials in a fixed order (deterministic), then store coalesced.
+  extern __shared__ float qlx_red[];
+  float* mine = qlx_red + warp * (COLS * LD);
+#pragma unroll
+  for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int mm = mt * 8 + 2 * t + (i & 1);
+        const int nn = rt * 16 + g + 8 * (i >> 1);
+        mine[mm * LD + nn] = acc[rt][mt][i];
+      }
+  __syncthreads();
+  for (int idx = threadIdx.x; idx < ROWS * COLS; idx += 32 * KW) {
+    const int mm = idx / ROWS;
+    const int nn = idx - mm * ROWS;
+    if (m0 + mm >= M) {
+      break;
+    }
+    float s = 0.0f;
+#pragma unroll
+    for (int k = 0; k < KW; ++k) s += qlx_red[k * (COLS * LD) + mm * LD + nn];
+    y[(size_t)(m0 + mm) * N + n0 + nn] = static_cast<T>(s);
+  }
+"""
+
+
+def _minify(code: str) -> str:
+    """Drop comments and indentation: MLX copies the whole source into every call's graph node."""
+    lines = []
+    for line in code.splitlines():
+        line = line.split("//", 1)[0].strip()
+        if line:
+            lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
+_HEADER_MIN = _minify(_HEADER)
+
+
+def kernel_source(cfg: FusedConfig, group_size: int, dtype: mx.Dtype) -> tuple[str, str]:
+    """Header and body of one fused-kernel variant, as handed to ``mx.fast.cuda_kernel``.
+
+    The tile shape, group size and dtype are compile-time constants baked into the body (no
+    template arguments to convert and hash per call).
+    """
+    bf16 = dtype == mx.bfloat16
+    consts = (
+        f"using T = {'__nv_bfloat16' if bf16 else '__half'};\n"
+        f"constexpr int MT = {cfg.mt};\nconstexpr int RT = {cfg.rt};\n"
+        f"constexpr int KW = {cfg.kw};\nconstexpr int GS = {group_size};\n"
+        f"constexpr bool BF16 = {'true' if bf16 else 'false'};\n"
+    )
+    return _HEADER_MIN, consts + _minify(_SOURCE)
+
+
+def _shared_bytes(cfg: FusedConfig) -> int:
+    return cfg.kw * (8 * cfg.mt) * (16 * cfg.rt + 4) * 4
+
+
+@cache
+def _kernel(cfg: FusedConfig, group_size: int, dtype: mx.Dtype) -> object:
+    header, source = kernel_source(cfg, group_size, dtype)
+    tag = "bf16" if dtype == mx.bfloat16 else "f16"
+    return mx.fast.cuda_kernel(
+        name=f"qlx_qmm4_m{cfg.mt}_r{cfg.rt}_k{cfg.kw}_g{group_size}_{tag}",
+        input_names=["x", "w", "scales", "biases"],
+        output_names=["y"],
+        source=source,
+        header=header,
+        ensure_row_contiguous=True,
+        shared_memory=_shared_bytes(cfg),
+    )
+
+
+def fused_supported(
+    in_dims: int, out_dims: int, group_size: int, bits: int, dtype: mx.Dtype, rt: int = 1
+) -> bool:
+    """Whether the fused kernel handles this layer (else callers use the stock op)."""
+    return (
+        bits == 4
+        and group_size in _GROUP_SIZES
+        and dtype in (mx.bfloat16, mx.float16)
+        and in_dims % _K_CHUNK == 0
+        and out_dims % (16 * rt) == 0
+    )
+
+
+# (x shape, N, group size, dtype, config) -> kernel and launch arguments; building these
+# per call costs more host time than the small-batch matmul itself takes on the GPU.
+_PLANS: dict[tuple, tuple] = {}
+_MAX_PLANS = 4096
+
+
+def _plan(
+    shape: tuple[int, ...], n: int, group_size: int, dtype: mx.Dtype, config: FusedConfig | None
+) -> tuple:
+    m = 1
+    for d in shape[:-1]:
+        m *= d
+    cfg = config or _default_fused_config(m, n)
+    grid = ((n // (16 * cfg.rt)) * 32 * cfg.kw, -(-m // (8 * cfg.mt)), 1)
+    kernel = _kernel(cfg, group_size, dtype)
+    return kernel, grid, (32 * cfg.kw, 1, 1), [(*shape[:-1], n)], [dtype]
+
+
+def fused_quantized_matmul(
+    x: mx.array,
+    w: mx.array,
+    scales: mx.array,
+    biases: mx.array,
+    group_size: int,
+    config: FusedConfig | None = None,
+) -> mx.array:
+    """``x @ dequantize(w).T`` for 4-bit affine weights, on the fused CUDA kernel.
+
+    ``x`` is (..., K) with at least one row and the dtype of ``scales``; ``w`` is (N, K / 8)
+    uint32. Check ``fused_supported`` first.
+    """
+    key = (x.shape, w.shape[0], group_size, scales.dtype, config)
+    plan = _PLANS.get(key)
+    if plan is None:
+        if len(_PLANS) >= _MAX_PLANS:
+            _PLANS.clear()
+        plan = _PLANS[key] = _plan(x.shape, w.shape[0], group_size, scales.dtype, config)
+    kernel, grid, threadgroup, out_shapes, out_dtypes = plan
+    return kernel(
+        inputs=[x, w, scales, biases],
+        grid=grid,
+        threadgroup=threadgroup,
+        output_shapes=out_shapes,
+        output_dtypes=out_dtypes,
+    )[0]
+
+
+def dequantize_matmul(
+    x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, group_size: int
+) -> mx.array:
+    """Dequantize to the activation dtype, then a dense matmul (tensor cores via cuBLAS)."""
+    wd = mx.dequantize(w, scales, biases, group_size=group_size, bits=4)
+    return x @ wd.T
+
+
+# Path per layer and number of rows, from the H100 measurements in bench/NOTES.md ("4-bit
+# matmul on NVIDIA"). "stock" means mx.quantized_matmul with the rows flattened to 2-D: given
+# (B, 1, K) decode activations, MLX's CUDA backend runs one GEMV per batch entry instead.
+# A fused call costs ~37 us more host time than a stock one in decode (graph build and
+# encoding), so it is used only where it saves more GPU time than that.
+_FUSED_MAX_ROWS = 32  # stock's tiled kernel (8+ rows) wins from 64 rows on
+_FUSED_MIN_OUT = 4096  # narrower layers (k/v projections) leave most of the GPU idle
+_GEMV_ROWS = (2, 7)  # stock runs one GEMV per row here: fused saves 40-1200 us ...
+_GEMV_ROWS_FUSED_MIN_WEIGHTS = 32 * 2**20  # ... on MLP-sized and larger layers
+_FUSED_MIN_WEIGHTS = 128 * 2**20  # 1 or 8-32 rows: output-head-sized layers only
+_DEQUANT_MIN_ROWS = 192  # dequantize + cuBLAS from here (prefill) ...
+_DEQUANT_MIN_WEIGHTS = 4096 * 4096  # ... for layers this large
+
+
+def _mt_for(m: int) -> int:
+    for mt in (1, 2, 4):
+        if m <= 8 * mt:
+            return mt
+    return 8
+
+
+def _default_fused_config(m: int, n: int) -> FusedConfig:
+    """Fastest measured tile shape for ``m`` rows (H100, Qwen3-8B shapes)."""
+    mt = _mt_for(m)
+    if mt == 4 and n % 32 == 0:
+        return FusedConfig(mt=4, rt=2, kw=8)
+    return FusedConfig(mt=mt, rt=1, kw=4)
+
+
+def choose_path(m: int, n: int, k: int) -> str:
+    """'fused', 'dequant' or 'stock' for a supported (N=n, K=k) layer called on ``m`` rows."""
+    weights = n * k
+    if m >= _DEQUANT_MIN_ROWS and weights >= _DEQUANT_MIN_WEIGHTS:
+        return "dequant"
+    if n < _FUSED_MIN_OUT or m > _FUSED_MAX_ROWS:
+        return "stock"
+    gemv = _GEMV_ROWS[0] <= m <= _GEMV_ROWS[1]
+    if weights >= (_GEMV_ROWS_FUSED_MIN_WEIGHTS if gemv else _FUSED_MIN_WEIGHTS):
+        return "fused"
+    return "stock"
+
+
+@cache
+def _cuda_build() -> bool:
+    cuda = getattr(mx, "cuda", None)
+    try:
+        return bool(cuda is not None and cuda.is_available())
+    except Exception:  # a backend without the query
+        return False
+
+
+def _on_gpu() -> bool:
+    return mx.default_device().type == mx.gpu
+
+
+def _fast_layer(module: nn.Module) -> bool:
+    """Static half of the fused-path test, done once per layer (the host time per call counts)."""
+    w = module["weight"]
+    return (
+        _cuda_build()
+        and module.mode == "affine"
+        and module.get("biases") is not None
+        and fused_supported(
+            w.shape[1] * 32 // module.bits,
+            w.shape[0],
+            module.group_size,
+            module.bits,
+            module["scales"].dtype,
+        )
+    )
+
+
+def _quantized_matmul(module: nn.Module, x: mx.array) -> mx.array:
+    w, scales, biases = module["weight"], module["scales"], module.get("biases")
+    path = module.force_path
+    flatten = False
+    if path is None:
+        path = "stock"
+        if module._cuda and _on_gpu():
+            k = x.shape[-1]
+            m = x.size // k
+            if module._fast and x.dtype == scales.dtype:
+                path = choose_path(m, w.shape[0], k)
+            # Several batch entries: one 2-D call instead of a GEMV per entry.
+            flatten = path == "stock" and x.ndim > 2 and m > x.shape[-2]
+    if path == "fused":
+        return fused_quantized_matmul(x, w, scales, biases, module.group_size)
+    if path == "dequant":
+        wd = mx.dequantize(
+            w, scales, biases, group_size=module.group_size, bits=module.bits, mode=module.mode
+        )
+        return x @ wd.T
+    shape = x.shape
+    if flatten:
+        x = x.reshape(-1, shape[-1])
+    y = mx.quantized_matmul(
+        x,
+        w,
+        scales=scales,
+        biases=biases,
+        transpose=True,
+        group_size=module.group_size,
+        bits=module.bits,
+        mode=module.mode,
+    )
+    return y.reshape(*shape[:-1], w.shape[0]) if flatten else y
+
+
+class AcceleratedQuantizedLinear(nn.QuantizedLinear):
+    """``nn.QuantizedLinear`` with the same parameters and a faster matmul on NVIDIA GPUs.
+
+    ``force_path`` pins one path ('fused', 'dequant' or 'stock', the latter exactly the stock
+    layer) for tests and benchmarks; ``None`` picks per call (see ``choose_path``).
+    """
+
+    force_path: str | None = None
+    _cuda: bool = False  # CUDA build: flatten batched rows for the stock op
+    _fast: bool = False  # and the fused kernel / dequantize paths apply
+
+    @classmethod
+    def from_quantized(cls, layer: nn.QuantizedLinear) -> AcceleratedQuantizedLinear:
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.group_size = layer.group_size
+        new.bits = layer.bits
+        new.mode = layer.mode
+        new.weight = layer.weight
+        new.scales = layer.scales
+        new.biases = layer.get("biases")
+        if "bias" in layer:
+            new.bias = layer.bias
+        new.freeze()
+        new._cuda = _cuda_build()
+        new._fast = _fast_layer(new)
+        return new
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = _quantized_matmul(self, x)
+        if "bias" in self:
+            y = y + self["bias"]
+        return y
+
+
+class AcceleratedQuantizedEmbedding(nn.QuantizedEmbedding):
+    """``nn.QuantizedEmbedding`` whose ``as_linear`` (tied output head) uses the faster path."""
+
+    force_path: str | None = None
+    _cuda: bool = False  # CUDA build: flatten batched rows for the stock op
+    _fast: bool = False  # and the fused kernel / dequantize paths apply
+
+    @classmethod
+    def from_quantized(cls, layer: nn.QuantizedEmbedding) -> AcceleratedQuantizedEmbedding:
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.group_size = layer.group_size
+        new.bits = layer.bits
+        new.mode = layer.mode
+        new.num_embeddings = layer.num_embeddings
+        new.dims = layer.dims
+        new.weight = layer.weight
+        new.scales = layer.scales
+        new.biases = layer.get("biases")
+        new.freeze()
+        new._cuda = _cuda_build()
+        new._fast = _fast_layer(new)
+        return new
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        return _quantized_matmul(self, x)
+
+
+def cuda_gpu_is_default() -> bool:
+    """True when MLX runs on an NVIDIA GPU by default (the CUDA build, GPU device)."""
+    return _cuda_build() and mx.default_device().type == mx.gpu
+
+
+def _eligible(module: nn.Module) -> bool:
+    return (
+        module.mode == "affine"
+        and module.bits == 4
+        and module.group_size in _GROUP_SIZES
+        and module.get("biases") is not None
+    )
+
+
+def accelerate_quantized_layers(model: nn.Module, force: bool = False) -> int:
+    """Swap the model's 4-bit affine quantized layers for the accelerated ones, in place.
+
+    Only acts when the default device is a CUDA GPU, unless ``force`` (Apple silicon was not
+    measured, and the CPU is the test backend). Returns the number of layers replaced:
+    ``QuantizedLinear`` layers, plus ``QuantizedEmbedding`` layers, whose ``as_linear`` serves
+    a tied output head. Parameters are shared with the old layers, not copied.
+    """
+    if not force and not cuda_gpu_is_default():
+        return 0
+    swaps: list[tuple[str, nn.Module]] = []
+    for path, module in model.named_modules():
+        if type(module) is nn.QuantizedLinear and _eligible(module):
+            swaps.append((path, AcceleratedQuantizedLinear.from_quantized(module)))
+        elif type(module) is nn.QuantizedEmbedding and _eligible(module):
+            swaps.append((path, AcceleratedQuantizedEmbedding.from_quantized(module)))
+    if swaps:
+        model.update_modules(tree_unflatten(swaps))
+    return len(swaps)

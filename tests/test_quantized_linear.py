@@ -1,0 +1,210 @@
+"""CPU checks for the accelerated 4-bit quantized layers (the CUDA kernel runs in bench/)."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+import pytest
+
+from mlx_llm_server.kernels.quantized_linear import (
+    AcceleratedQuantizedEmbedding,
+    AcceleratedQuantizedLinear,
+    FusedConfig,
+    accelerate_quantized_layers,
+    choose_path,
+    cuda_gpu_is_default,
+    fused_supported,
+)
+
+
+class _Tiny(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(512, 256)
+        self.layers = [nn.Linear(256, 256, bias=False) for _ in range(2)]
+        self.head = nn.Linear(256, 512, bias=True)
+
+    def __call__(self, tokens: mx.array) -> mx.array:
+        h = self.embed(tokens)
+        for layer in self.layers:
+            h = layer(h)
+        return self.head(h) + self.embed.as_linear(h)
+
+
+def _quantized_model(group_size: int = 64) -> _Tiny:
+    mx.random.seed(0)
+    model = _Tiny()
+    model.set_dtype(mx.bfloat16)
+    nn.quantize(model, group_size=group_size, bits=4)
+    mx.eval(model.parameters())
+    return model
+
+
+def _rel_err(a: mx.array, b: mx.array) -> float:
+    a32, b32 = a.astype(mx.float32), b.astype(mx.float32)
+    return (mx.abs(a32 - b32).max() / mx.abs(b32).max()).item()
+
+
+def _with_default_device(device: mx.Device):
+    class _Ctx:
+        def __enter__(self) -> None:
+            self.old = mx.default_device()
+            mx.set_default_device(device)
+
+        def __exit__(self, *exc: object) -> None:
+            mx.set_default_device(self.old)
+
+    return _Ctx()
+
+
+def test_noop_without_cuda_gpu() -> None:
+    model = _quantized_model()
+    with _with_default_device(mx.cpu):
+        assert not cuda_gpu_is_default()
+        assert accelerate_quantized_layers(model) == 0
+    assert type(model.layers[0]) is nn.QuantizedLinear
+    assert type(model.embed) is nn.QuantizedEmbedding
+
+
+@pytest.mark.parametrize("group_size", [32, 64])
+def test_forced_swap_keeps_parameters_and_outputs(group_size: int) -> None:
+    model = _quantized_model(group_size)
+    tokens = mx.array([[1, 7, 300], [4, 2, 511]])
+    expected = model(tokens)
+    before = dict(model.parameters()["layers"][1])
+
+    assert accelerate_quantized_layers(model, force=True) == 4  # 3 linears + tied embedding
+    assert isinstance(model.layers[0], AcceleratedQuantizedLinear)
+    assert isinstance(model.layers[0], nn.QuantizedLinear)
+    assert isinstance(model.embed, AcceleratedQuantizedEmbedding)
+    after = model.parameters()["layers"][1]
+    assert set(after) == set(before)
+    for key, value in before.items():
+        assert after[key] is value
+    assert "bias" in model.head
+
+    # On this machine every supported call takes the stock op (no fused CUDA kernel here).
+    assert _rel_err(model(tokens), expected) == 0.0
+    # Already swapped layers are left alone.
+    assert accelerate_quantized_layers(model, force=True) == 0
+
+
+def _reference(x: mx.array, layer: nn.Module) -> mx.array:
+    """x @ W.T in float32 from the layer's own quantized weights."""
+    w = mx.dequantize(
+        layer.weight,
+        layer.scales.astype(mx.float32),
+        layer.biases.astype(mx.float32),
+        group_size=layer.group_size,
+        bits=layer.bits,
+    )
+    return x.astype(mx.float32) @ w.T
+
+
+@pytest.mark.parametrize("rows", [1, 5, 64, 130])
+def test_dequantize_path_matches_quantized_linear(rows: int) -> None:
+    mx.random.seed(1)
+    layer = nn.QuantizedLinear(512, 256, bias=True, group_size=64, bits=4)
+    mx.eval(layer.parameters())
+    fast = AcceleratedQuantizedLinear.from_quantized(layer)
+    fast.force_path = "dequant"
+    # float32: the same function as QuantizedLinear up to summation order.
+    x = mx.random.normal((rows, 512))
+    assert _rel_err(fast(x), layer(x)) < 1e-5
+    assert fast(x.reshape(1, rows, 512)).shape == (1, rows, 256)
+
+    # bfloat16: within bf16 rounding of the float32 result (the CPU's stock bf16 op is
+    # itself only within a few percent, so it is no reference here).
+    layer.set_dtype(mx.bfloat16)
+    fast = AcceleratedQuantizedLinear.from_quantized(layer)
+    fast.force_path = "dequant"
+    xb = x.astype(mx.bfloat16)
+    assert _rel_err(fast(xb) - layer.bias, _reference(xb, layer)) < 1e-2
+
+
+def test_tied_embedding_as_linear_matches() -> None:
+    model = _quantized_model()
+    emb = AcceleratedQuantizedEmbedding.from_quantized(model.embed)
+    emb.force_path = "dequant"
+    h = mx.random.normal((2, 3, 256)).astype(mx.bfloat16)
+    assert _rel_err(emb.as_linear(h), _reference(h, model.embed)) < 1e-2
+    emb.force_path = "stock"
+    assert _rel_err(emb.as_linear(h), model.embed.as_linear(h)) == 0.0
+    tokens = mx.array([[3, 9]])
+    assert _rel_err(emb(tokens), model.embed(tokens)) == 0.0
+
+
+def test_path_choice_and_support() -> None:
+    # Qwen3-8B: q/o 4096x4096, k/v 1024x4096, gate/up 12288x4096, down 4096x12288, head 151936.
+    assert choose_path(1, 4096, 4096) == "stock"
+    assert choose_path(1, 12288, 4096) == "stock"  # host cost beats the GPU saving
+    assert choose_path(1, 151936, 4096) == "fused"
+    assert choose_path(4, 12288, 4096) == "fused"  # stock runs one GEMV per row
+    assert choose_path(4, 4096, 12288) == "fused"
+    assert choose_path(4, 4096, 4096) == "stock"
+    assert choose_path(4, 1024, 4096) == "stock"
+    assert choose_path(16, 12288, 4096) == "stock"
+    assert choose_path(32, 151936, 4096) == "fused"
+    assert choose_path(64, 151936, 4096) == "stock"
+    assert choose_path(4096, 4096, 4096) == "dequant"
+    assert choose_path(4096, 1024, 4096) == "stock"
+    assert fused_supported(4096, 151936, 64, 4, mx.bfloat16)
+    assert fused_supported(12288, 4096, 32, 4, mx.float16)
+    assert not fused_supported(1408, 4096, 64, 4, mx.bfloat16)  # K not a multiple of 256
+    assert not fused_supported(4096, 4096, 64, 8, mx.bfloat16)
+    assert not fused_supported(4096, 4096, 128, 4, mx.bfloat16)
+    assert not fused_supported(4096, 4096, 64, 4, mx.float32)
+    assert FusedConfig(mt=1, rt=1, kw=8) == FusedConfig(1, 1, 8)
+
+
+def test_routing_on_a_cuda_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Path choice and the 2-D flattening, with the CUDA checks and the kernel stubbed."""
+    import mlx_llm_server.kernels.quantized_linear as ql
+
+    calls: list[tuple[int, ...]] = []
+
+    def fake_fused(x, w, scales, biases, group_size, config=None):  # type: ignore[no-untyped-def]
+        calls.append(x.shape)
+        return ql.dequantize_matmul(x, w, scales, biases, group_size)
+
+    monkeypatch.setattr(ql, "_cuda_build", lambda: True)
+    monkeypatch.setattr(ql, "_on_gpu", lambda: True)
+    monkeypatch.setattr(ql, "fused_quantized_matmul", fake_fused)
+    # Thresholds scaled to a 256x256 layer.
+    monkeypatch.setattr(ql, "_FUSED_MIN_OUT", 1)
+    monkeypatch.setattr(ql, "_GEMV_ROWS_FUSED_MIN_WEIGHTS", 1)
+    monkeypatch.setattr(ql, "_FUSED_MIN_WEIGHTS", 2**40)
+    monkeypatch.setattr(ql, "_DEQUANT_MIN_ROWS", 64)
+    monkeypatch.setattr(ql, "_DEQUANT_MIN_WEIGHTS", 1)
+
+    mx.random.seed(2)
+    layer = nn.QuantizedLinear(256, 256, bias=False, group_size=64, bits=4)
+    layer.set_dtype(mx.bfloat16)
+    mx.eval(layer.parameters())
+    fast = AcceleratedQuantizedLinear.from_quantized(layer)
+    assert fast._fast
+
+    x = mx.random.normal((4, 1, 256)).astype(mx.bfloat16)
+    assert fast(x).shape == (4, 1, 256)
+    assert calls == [(4, 1, 256)]  # fused, no reshape
+
+    x = mx.random.normal((16, 1, 256)).astype(mx.bfloat16)
+    flat = mx.quantized_matmul(
+        x.reshape(16, 256), layer.weight, layer.scales, layer.biases, group_size=64, bits=4
+    )
+    y = fast(x)
+    assert y.shape == (16, 1, 256)
+    assert _rel_err(y.reshape(16, 256), flat) == 0.0  # stock op on the flattened rows
+    assert len(calls) == 1
+
+    x = mx.random.normal((1, 1, 256)).astype(mx.bfloat16)
+    assert _rel_err(fast(x), layer(x)) == 0.0  # one row: the stock call itself
+
+    x = mx.random.normal((2, 40, 256)).astype(mx.bfloat16)
+    assert _rel_err(fast(x), _reference(x, layer)) < 1e-2  # dequantize + matmul
+    assert len(calls) == 1
+
+    # Activations in another dtype than the scales take the stock op.
+    x = mx.random.normal((4, 1, 256))
+    assert fast(x).shape == (4, 1, 256)
+    assert len(calls) == 1
