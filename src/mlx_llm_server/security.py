@@ -167,7 +167,7 @@ async def send_error(
     send: Send, error: ServerError, headers: Sequence[tuple[bytes, bytes]] = ()
 ) -> None:
     """Answers with OpenAI's error JSON from outside the app (no FastAPI handler here)."""
-    body = json.dumps(error.to_dict()).encode()
+    body = json.dumps(error.to_dict(), separators=(",", ":")).encode()  # as FastAPI writes it
     await send(
         {
             "type": "http.response.start",

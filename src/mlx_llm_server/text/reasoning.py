@@ -62,7 +62,7 @@ def prompt_ends_in_reasoning(prompt_text: str, start: str = THINK_START) -> bool
     return prompt_text.rstrip().endswith(start)
 
 
-_MAX_LEADING_WHITESPACE = 1
+_MAX_LEADING_WHITESPACE = 2
 
 
 class ReasoningParser:
