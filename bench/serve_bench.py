@@ -363,7 +363,7 @@ def main() -> int:
             r = results[name][n]
             print(
                 f"{name:8} {n:>3} {r.throughput:9.1f} {r.ttft(50):9.3f} {r.ttft(99):9.3f} "
-                f"{r.itl(50) * 1000:7.1f}ms {r.itl(99) * 1000:7.1f}ms"
+                f"{r.itl(50) * 1000:7.1f}ms {r.itl(99) * 1000:7.1f}ms {r.errors:>6}"
             )
     if {"ours", "mlx_lm"} <= set(names):
         print()

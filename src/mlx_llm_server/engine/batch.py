@@ -83,17 +83,29 @@ class DecodeBatch:
         sampling: list[SamplingBatch],
     ) -> None:
         """Rows join with their prompt in `caches` and their first sampled token pending."""
-        joined = merge_caches(caches)
+        self.add_batch(
+            sequences,
+            merge_caches(caches),
+            SampleOutput.concat(first_tokens),
+            SamplingBatch.concat(sampling),
+        )
+
+    def add_batch(
+        self,
+        sequences: list[Sequence],
+        cache: list[Any],
+        first_tokens: SampleOutput,
+        sampling: SamplingBatch,
+    ) -> None:
+        """Rows join already batched: per-layer batch caches with one row per sequence."""
         if self.sequences:
-            for mine, theirs in zip(self.cache, joined, strict=True):
+            for mine, theirs in zip(self.cache, cache, strict=True):
                 mine.extend(theirs)
             assert self.pending is not None and self.sampling is not None
-            self.pending = SampleOutput.concat([self.pending, *first_tokens])
-            self.sampling = SamplingBatch.concat([self.sampling, *sampling])
+            self.pending = SampleOutput.concat([self.pending, first_tokens])
+            self.sampling = SamplingBatch.concat([self.sampling, sampling])
         else:
-            self.cache = joined
-            self.pending = SampleOutput.concat(first_tokens)
-            self.sampling = SamplingBatch.concat(sampling)
+            self.cache, self.pending, self.sampling = cache, first_tokens, sampling
         self.sequences.extend(sequences)
 
     def keep(self, rows: list[int]) -> None:

@@ -24,7 +24,7 @@ import mlx.nn as nn
 from mlx_lm.models.cache import make_prompt_cache
 
 from ..errors import EngineError, ServerOverloadedError, ServiceUnavailableError
-from .batch import DecodeBatch, GrammarMasker, ReadToken, Sequence
+from .batch import DecodeBatch, GrammarMasker, ReadToken, Sequence, merge_caches
 from .prefix_cache import PrefixCache
 from .sampling import SampleOutput, SamplingBatch
 from .types import (
@@ -309,6 +309,8 @@ class Engine:
     def _prefill(self) -> None:
         """Spends up to one chunk of prompt tokens; sequences whose prompt is done join."""
         budget = self.config.prefill_chunk
+        if not self._prefilling:
+            budget -= self._prefill_together(budget)
         ready: list[tuple[Sequence, list[Any], SampleOutput, SamplingBatch]] = []
         while budget > 0:
             if not self._prefilling:
@@ -351,6 +353,82 @@ class Engine:
                 mx.clear_cache()
             for sequence in sequences:
                 sequence.prompt_cache = None
+
+    def _prefill_together(self, budget: int) -> int:
+        """Prefills waiting prompts that fit in `budget` together, in one batched forward pass.
+
+        Many users arriving at once is the common case for short prompts; one forward pass
+        for all of them (right-padded, as mlx-lm's batch prefill does) costs about what one
+        prompt alone does. A prompt with a cached prefix, or longer than what is left of the
+        budget, stops the group and goes the one-by-one way. Returns the tokens spent.
+        """
+        group: list[Sequence] = []
+        used = 0
+        room = self.config.max_running - len(self._batch)
+        while self._waiting and len(group) < room:
+            prompt = self._waiting[0].request.prompt_tokens
+            if len(prompt) < 2 or used + len(prompt) > budget:
+                break
+            sequence = self._waiting.popleft()
+            try:
+                self._start_prefill(sequence)
+            except Exception as error:  # e.g. no memory for its cache: fail it alone
+                logger.exception("prefill failed to start for %s", sequence.request_id)
+                self._fail(sequence, error)
+                continue
+            if sequence.cached_tokens:
+                break  # it reuses a cached prefix: prefilled on its own, below
+            self._prefilling.remove(sequence)
+            group.append(sequence)
+            used += len(prompt)
+        if not group:
+            return 0
+        try:
+            self._batch.add_batch(group, *self._prefill_group(group))
+        except Exception as error:
+            logger.exception("batched prefill failed")
+            for sequence in [*self._batch.sequences, *group]:
+                self._fail(sequence, error)
+            self._batch.keep([])
+            mx.clear_cache()
+        for sequence in group:
+            sequence.prompt_cache = None
+        return used
+
+    def _prefill_group(
+        self, group: list[Sequence]
+    ) -> tuple[list[Any], SampleOutput, SamplingBatch]:
+        bodies = [s.request.prompt_tokens[:-1] for s in group]
+        lengths = [len(b) for b in bodies]
+        longest = max(lengths)
+        cache = merge_caches([s.prompt_cache for s in group])  # type: ignore[misc]
+        for layer in cache:
+            layer.prepare(lengths=lengths, right_padding=[longest - n for n in lengths])
+        padded = mx.array([b + [0] * (longest - len(b)) for b in bodies])
+        self.model(padded, cache=cache)
+        mx.eval([layer.state for layer in cache])
+        for layer in cache:
+            layer.finalize()  # right padding becomes left padding, as decoding expects
+        last = mx.array([s.request.prompt_tokens[-1:] for s in group])
+        logits = self.model(last, cache=cache)[:, -1, :]
+        sampling = SamplingBatch.concat(
+            [
+                SamplingBatch.for_sequence(
+                    s.request.sampling, s.request.prompt_tokens, self.vocab_size
+                )
+                for s in group
+            ]
+        )
+        grammars = [s.request.grammar for s in group]
+        if any(g is not None for g in grammars) and self._batch.grammar_masker is not None:
+            logits = self._batch.grammar_masker(logits, grammars)
+        first = sampling.sample(logits)
+        mx.async_eval([layer.state for layer in cache], first.arrays())
+        for sequence in group:
+            sequence.tokens = list(sequence.request.prompt_tokens)
+            sequence.prefilled = len(sequence.tokens)
+        self.prompt_tokens_computed += sum(lengths) + len(group)
+        return cache, first, sampling
 
     def _start_prefill(self, sequence: Sequence) -> None:
         self._dequeued(1)
