@@ -217,7 +217,9 @@ def assert_healthy(server: ServerProcess) -> None:
 
 
 def test_out_of_memory_in_prefill_fails_only_that_request(fault_server: ServerProcess) -> None:
-    async def scenario() -> tuple[httpx.Response, httpx.Response, list[str], bool]:
+    async def scenario() -> (
+        tuple[httpx.Response, list[httpx.Response], httpx.Response, list[str], bool]
+    ):
         async with httpx.AsyncClient(base_url=fault_server.base_url, timeout=30) as client:
 
             async def bystander() -> list[str]:
@@ -228,13 +230,21 @@ def test_out_of_memory_in_prefill_fails_only_that_request(fault_server: ServerPr
 
             running = asyncio.create_task(bystander())
             await asyncio.sleep(0.5)  # 40 slow steps take 2 s: it is decoding now
-            plain = await client.post(CHAT, json=body("Please explode now.", max_tokens=5))
+            # Arriving during one slow step, these three are prefilled in one batched pass.
+            plain, *neighbours = await asyncio.gather(
+                client.post(CHAT, json=body("Please explode now.", max_tokens=5)),
+                client.post(CHAT, json=body("Just a question.", max_tokens=5)),
+                client.post(CHAT, json=body("Another question.", max_tokens=5)),
+            )
             streamed = await client.post(CHAT, json=body("Please explode now.", stream=True))
             overlapped = not running.done()
-            return plain, streamed, await running, overlapped
+            return plain, neighbours, streamed, await running, overlapped
 
-    plain, streamed, bystander, overlapped = asyncio.run(scenario())
+    plain, neighbours, streamed, bystander, overlapped = asyncio.run(scenario())
     error = assert_error_json(plain, 500, "engine_error")
+    for neighbour in neighbours:
+        assert neighbour.status_code == 200, neighbour.text
+        assert neighbour.json()["choices"][0]["message"]["content"] == " ok" * 5
     assert "malloc" in error["message"]
     assert streamed.status_code == 200
     assert assert_stream_ends_with_error(data_lines(streamed.text))["code"] == "engine_error"

@@ -384,9 +384,23 @@ class Engine:
         if not group:
             return 0
         try:
-            self._batch.add_batch(group, *self._prefill_group(group))
+            prefilled = self._prefill_group(group)
+        except Exception:
+            # One prompt may be the cause (out of memory on a long one): prefilled one by one
+            # (in `_prefill`), only that request fails, and the running batch is untouched.
+            logger.exception("batched prefill failed; prefilling these prompts one by one")
+            for sequence in group:
+                sequence.prompt_cache = make_prompt_cache(self.model)
+                sequence.prefilled = 0
+                sequence.tokens = []
+            self._prefilling.extend(group)
+            mx.clear_cache()
+            return 0
+        try:
+            self._batch.add_batch(group, *prefilled)
         except Exception as error:
-            logger.exception("batched prefill failed")
+            # The batch may be half extended, so its rows fail too; the engine goes on.
+            logger.exception("joining the batch failed")
             for sequence in [*self._batch.sequences, *group]:
                 self._fail(sequence, error)
             self._batch.keep([])
