@@ -192,6 +192,10 @@ def test_host_names_are_normalized() -> None:
     assert config.host_allowed(b"models.example")
     assert not config.host_allowed(b"evil.example")
     assert SecurityConfig.for_bind_address("127.0.0.1", allowed_hosts=["*"]).host_allowed(b"x")
+    ipv6 = SecurityConfig.for_bind_address("::", allowed_hosts=["fd00::5"])
+    assert ipv6.host_allowed(b"[fd00::5]:9044")
+    assert ipv6.host_allowed(b"[::]:9044")
+    assert not ipv6.host_allowed(b"[fd00::6]")
 
 
 # CORS ------------------------------------------------------------------------------------

@@ -91,7 +91,13 @@ class SecurityConfig:
         """Loopback names, the bound address when it is another one, and `allowed_hosts`."""
         hosts = list(LOOPBACK_HOSTS)
         for name in [bind_host, *allowed_hosts]:
-            normalized = ANY_HOST if name.strip() == ANY_HOST else normalize_host(name)
+            name = name.strip()
+            if name == ANY_HOST:
+                normalized: str | None = ANY_HOST
+            elif name.count(":") > 1 and not name.startswith("["):
+                normalized = name.lower()  # a bare IPv6 address, as --host takes it ("::")
+            else:
+                normalized = normalize_host(name)
             if normalized is None:
                 raise ValueError(f"{name!r} is not a host name or address")
             if normalized not in hosts:
