@@ -202,6 +202,7 @@ class Generation:
     timer: RequestTimer
     streams: list[RequestStream] = field(default_factory=list)
     finishes: list[FinishEvent | None] = field(default_factory=list)
+    pending_update: ChoiceUpdate = field(default_factory=ChoiceUpdate)
 
     def start(self) -> None:
         """Submits every choice to the engine: the last check that can refuse (429)."""
@@ -217,17 +218,17 @@ class Generation:
         for stream in self.streams:
             stream.cancel()
 
-    async def events(self) -> AsyncIterator[tuple[int, EngineEvent]]:
-        """Every choice's events, interleaved as they arrive; stops at the first error."""
+    async def events(self) -> AsyncIterator[tuple[int, list[EngineEvent]]]:
+        """Each choice's events in the batches they arrive in, interleaved across choices."""
         if len(self.streams) == 1:
-            async for event in self.streams[0]:
-                yield 0, event
+            async for batch in self.streams[0].batches():
+                yield 0, batch
             return
-        queue: asyncio.Queue[tuple[int, EngineEvent | None]] = asyncio.Queue()
+        queue: asyncio.Queue[tuple[int, list[EngineEvent] | None]] = asyncio.Queue()
 
         async def pump(index: int, stream: RequestStream) -> None:
-            async for event in stream:
-                queue.put_nowait((index, event))
+            async for batch in stream.batches():
+                queue.put_nowait((index, batch))
             queue.put_nowait((index, None))
 
         tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(self.streams)]
@@ -242,6 +243,20 @@ class Generation:
         finally:
             for task in tasks:
                 task.cancel()
+
+    def on_events(self, index: int, events: list[EngineEvent]) -> ChoiceUpdate:
+        """Feeds a batch of one choice's events; their updates merged into one.
+
+        An engine error is raised after the text before it was taken in, so the caller can
+        still send that text (it is in `pending_update`) before the error.
+        """
+        merged = ChoiceUpdate()
+        self.pending_update = merged
+        for event in events:
+            update = self.on_event(index, event)
+            if update:
+                _accumulate(merged, update)
+        return merged
 
     def on_event(self, index: int, event: EngineEvent) -> ChoiceUpdate | None:
         """Feeds one engine event to its choice; raises the engine's error."""
@@ -479,10 +494,8 @@ def _merge_tool_calls(deltas: list[Any]) -> list[wire.ToolCall]:
 async def chat_completion(generation: Generation) -> wire.ChatCompletion:
     collected = [ChoiceUpdate() for _ in generation.choices]
     try:
-        async for index, event in generation.events():
-            update = generation.on_event(index, event)
-            if update:
-                _accumulate(collected[index], update)
+        async for index, events in generation.events():
+            _accumulate(collected[index], generation.on_events(index, events))
     finally:
         generation.cancel()
     choices = []
@@ -578,12 +591,14 @@ async def chat_stream(
                 ]
             )
         try:
-            async for index, event in generation.events():
-                update = generation.on_event(index, event)
+            async for index, events in generation.events():
+                update = generation.on_events(index, events)
                 if update:
                     yield piece(index, update)
         except ServerError as error:
             # The stream has started: the error goes as an event, and the stream still ends well.
+            if generation.pending_update:
+                yield piece(index, generation.pending_update)
             yield _sse(json.dumps(error.to_dict()))
             yield _sse("[DONE]")
             return
@@ -629,11 +644,10 @@ async def text_completion(generation: Generation, logprobs: bool) -> wire.Comple
     texts = [c.echo for c in generation.choices]
     tracks = [_CompletionLogprobs(generation.served.tokenizer, len(t)) for t in texts]
     try:
-        async for index, event in generation.events():
-            update = generation.on_event(index, event)
-            if update:
-                tracks[index].add(update.logprobs, update.content)
-                texts[index] += update.content
+        async for index, events in generation.events():
+            update = generation.on_events(index, events)
+            tracks[index].add(update.logprobs, update.content)
+            texts[index] += update.content
     finally:
         generation.cancel()
     choices = []
@@ -687,8 +701,8 @@ async def text_stream(
             if choice.echo:
                 yield chunk(index, choice.echo, None, None)
         try:
-            async for index, event in generation.events():
-                update = generation.on_event(index, event)
+            async for index, events in generation.events():
+                update = generation.on_events(index, events)
                 if update:
                     part = tracks[index].add(update.logprobs, update.content)
                     yield chunk(index, update.content, None, part)

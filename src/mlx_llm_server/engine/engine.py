@@ -73,19 +73,32 @@ class RequestStream:
             self._engine.cancel(self.request_id)
 
     def __aiter__(self) -> AsyncIterator[EngineEvent]:
-        return self._iterate()
+        return self._one_by_one()
 
-    async def _iterate(self) -> AsyncIterator[EngineEvent]:
+    async def _one_by_one(self) -> AsyncIterator[EngineEvent]:
+        async for batch in self.batches():
+            for event in batch:
+                yield event
+
+    async def batches(self) -> AsyncIterator[list[EngineEvent]]:
+        """Events in the batches they are waiting in: one wake-up handles all of them.
+
+        When the event loop falls behind the engine (many streams), a stream's tokens pile up;
+        taking them together lets the caller send them as one chunk instead of one each.
+        """
         while True:
             while not self._events:
                 self._ready.clear()
                 await self._ready.wait()
-            event = self._events.popleft()
-            if not isinstance(event, TokenEvent):
-                self.finished = True
-                yield event
-                return
-            yield event
+            batch: list[EngineEvent] = []
+            while self._events:
+                event = self._events.popleft()
+                batch.append(event)
+                if not isinstance(event, TokenEvent):
+                    self.finished = True
+                    yield batch
+                    return
+            yield batch
 
 
 @dataclass
