@@ -274,32 +274,49 @@ class Engine:
         """Runs the shapes requests will meet (prompt lengths, batch sizes, sampling paths) once.
 
         First use of a shape compiles kernels (seconds on a GPU); doing it here keeps that off
-        every user's request. The synthetic sequences go through the normal prefill and decode
-        path and leave no trace: counters and the prefix cache are reset afterwards.
+        every user's request. One prompt fills a whole prefill chunk; then a batch of short
+        prompts grows to each power of two up to `max_running`, decoding two steps at each size.
+        The synthetic sequences go through the normal prefill and decode path and leave no
+        trace: they are dropped, and counters and the prefix cache are reset afterwards.
         """
-        sizes = [b for b in (1, 2, 4, 8, 16, 32, 64, 128) if b <= self.config.max_running]
-        prompt_lengths = (1, 16, self.config.prefill_chunk + 3)
-        sequences = 0
-        for batch_size in sizes:
-            for index in range(batch_size):
-                length = prompt_lengths[index % len(prompt_lengths)]
-                sampling = (
-                    SamplingParams(temperature=0.0)
-                    if index % 2 == 0
-                    else SamplingParams(temperature=0.7, top_p=0.9, top_k=20, min_p=0.05)
-                )
-                request = GenerationRequest(
-                    request_id=f"warm-up-{sequences}",
-                    prompt_tokens=[(7 * sequences + i) % self.vocab_size for i in range(length)],
-                    max_tokens=3,
-                    sampling=sampling,
-                )
-                sequences += 1
-                self._waiting.append(Sequence(request, lambda events: None))
+        sequences: list[Sequence] = []
+
+        def add(length: int) -> None:
+            index = len(sequences)
+            sampling = (
+                SamplingParams(temperature=0.0)
+                if index % 2 == 0
+                else SamplingParams(temperature=0.7, top_p=0.9, top_k=20, min_p=0.05)
+            )
+            request = GenerationRequest(
+                request_id=f"warm-up-{index}",
+                prompt_tokens=[(7 * index + i) % self.vocab_size for i in range(length)],
+                max_tokens=1 << 30,
+                sampling=sampling,
+            )
+            sequence = Sequence(request, lambda events: None)
+            sequences.append(sequence)
+            self._waiting.append(sequence)
             with self._lock:
-                self._queued += batch_size
-            while self._has_work():
+                self._queued += 1
+
+        def run(steps: int) -> None:
+            while self._waiting or self._prefilling:
                 self._step(block=False)
+            for _ in range(steps):
+                self._step(block=False)
+
+        add(self.config.prefill_chunk + 3)
+        run(2)
+        size = 1
+        while size < self.config.max_running:
+            size = min(size * 2, self.config.max_running)
+            for _ in range(size - len(sequences)):
+                add(2)
+            run(2)
+        for sequence in sequences:
+            sequence.cancelled = True
+        self._step(block=False)
         self._outbox = []
         self.prefix_cache.clear()
         self.prefix_cache.hits = self.prefix_cache.misses = 0
