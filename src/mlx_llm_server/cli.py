@@ -295,9 +295,8 @@ def model_starter(
         loaded: list[LoadedModel] = []
 
         def setup() -> EngineModel:
-            from .text.grammar import apply_grammar_masks
-
             from .kernels.quantized_linear import accelerate_quantized_layers
+            from .text.grammar import apply_grammar_masks
 
             model = load(spec.name, context_length=args.context_length)
             # Faster batched 4-bit matmuls on NVIDIA GPUs; a no-op elsewhere.

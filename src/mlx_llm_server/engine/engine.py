@@ -399,20 +399,22 @@ class Engine:
                 self._prefilling.remove(sequence)
                 ready.append((sequence, *done[1]))
         if ready:
-            sequences = [r[0] for r in ready]
-            try:
-                self._batch.add(
-                    sequences, [r[1] for r in ready], [r[2] for r in ready], [r[3] for r in ready]
-                )
-            except Exception as error:
-                # The batch may be half extended, so its rows fail too; the engine goes on.
-                logger.exception("joining the batch failed")
-                for sequence in [*self._batch.sequences, *sequences]:
-                    self._fail(sequence, error)
-                self._batch.keep([])
-                mx.clear_cache()
-            for sequence in sequences:
-                sequence.prompt_cache = None
+            columns = list(zip(*ready, strict=True))
+            self._join(list(columns[0]), lambda: self._batch.add(*columns))  # type: ignore[arg-type]
+
+    def _join(self, sequences: list[Sequence], join: Callable[[], None]) -> None:
+        """Runs `join` (sequences joining the batch); on failure every row fails, not the engine."""
+        try:
+            join()
+        except Exception as error:
+            # The batch may be half extended, so its rows fail too; the engine goes on.
+            logger.exception("joining the batch failed")
+            for sequence in [*self._batch.sequences, *sequences]:
+                self._fail(sequence, error)
+            self._batch.keep([])
+            mx.clear_cache()
+        for sequence in sequences:
+            sequence.prompt_cache = None
 
     def _prefill_together(self, budget: int) -> int:
         """Prefills waiting prompts that fit in `budget` together, in one batched forward pass.
@@ -456,17 +458,7 @@ class Engine:
             self._prefilling.extend(group)
             mx.clear_cache()
             return 0
-        try:
-            self._batch.add_batch(group, *prefilled)
-        except Exception as error:
-            # The batch may be half extended, so its rows fail too; the engine goes on.
-            logger.exception("joining the batch failed")
-            for sequence in [*self._batch.sequences, *group]:
-                self._fail(sequence, error)
-            self._batch.keep([])
-            mx.clear_cache()
-        for sequence in group:
-            sequence.prompt_cache = None
+        self._join(group, lambda: self._batch.add_batch(group, *prefilled))
         return used
 
     def _prefill_group(
