@@ -92,6 +92,9 @@ class SoakResult:
     queued_when_idle: float = 0.0
     rss_baseline_bytes: int = 0
     rss_final_bytes: int = 0
+    # MLX's own count (weights, prefix cache, ...): exact, where RSS depends on the allocator.
+    mlx_active_baseline_bytes: int = 0
+    mlx_active_final_bytes: int = 0
     rss_trace: list[tuple[int, int]] = field(default_factory=list)  # (requests done, bytes)
     baseline_after: int = 0
     wall_seconds: float = 0.0
@@ -350,9 +353,12 @@ class Soak:
         await self.settle(client)
         rss = rss_bytes(self.pid)
         self.result.rss_trace.append((done, rss))
+        text = (await client.get("/metrics")).text
         if done == self.args.baseline_after:
             self.result.rss_baseline_bytes = rss
-        text = (await client.get("/metrics")).text
+            self.result.mlx_active_baseline_bytes = int(
+                metric(text, "mlx_llm_mlx_active_memory_bytes")
+            )
         mb = 1 << 20
         print(
             f"  {done} requests: RSS {rss / mb:.1f} MB, MLX active "
@@ -377,6 +383,10 @@ class Soak:
             running, queued = await self.settle(client)
             self.result.rss_final_bytes = rss_bytes(self.pid)
             self.result.rss_trace.append((self.next_index, self.result.rss_final_bytes))
+            text = (await client.get("/metrics")).text
+            self.result.mlx_active_final_bytes = int(
+                metric(text, "mlx_llm_mlx_active_memory_bytes")
+            )
             self.result.running_when_idle, self.result.queued_when_idle = running, queued
             health = await client.get("/health")
             if health.status_code != 200:
@@ -465,6 +475,8 @@ def report(result: SoakResult) -> str:
         f"RSS after {result.baseline_after:<5}          {result.rss_baseline_bytes / mb:.1f} MB",
         f"RSS after {result.requests:<5}          {result.rss_final_bytes / mb:.1f} MB",
         f"RSS growth               {result.rss_growth_percent:+.2f}%",
+        f"MLX active memory        {result.mlx_active_baseline_bytes / mb:.1f} MB -> "
+        f"{result.mlx_active_final_bytes / mb:.1f} MB",
         f"wall time                {result.wall_seconds:.1f} s"
         + (" (stopped early at --max-seconds)" if result.stopped_early else ""),
     ]
