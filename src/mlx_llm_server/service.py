@@ -178,6 +178,33 @@ def _check_logit_bias(request: wire.SamplingFields, vocab_size: int) -> None:
             )
 
 
+def _choice_request(
+    served: ServedModel,
+    request: wire.SamplingFields,
+    request_id: str,
+    index: int,
+    prompt: list[int],
+    max_tokens: int,
+    *,
+    logprobs: bool,
+    top_logprobs: int,
+) -> GenerationRequest:
+    """The engine request of choice `index` of `request`."""
+    sampling = sampling_from(
+        request,
+        logprobs=logprobs,
+        top_logprobs=top_logprobs,
+        seed=_choice_seed(request.seed, index),
+    )
+    return GenerationRequest(
+        request_id=request_id,
+        prompt_tokens=prompt,
+        max_tokens=max_tokens,
+        sampling=sampling,
+        stop_token_ids=served.loaded.eos_token_ids,
+    )
+
+
 def _choice_seed(seed: int | None, index: int) -> int | None:
     # Choices of one request differ from each other, yet each is reproducible.
     return None if seed is None else seed + index
@@ -356,20 +383,17 @@ class ChatService:
         request_id = wire.completion_id()
         choices = []
         for index in range(request.n):
-            sampling = sampling_from(
+            generation = _choice_request(
+                served,
                 request,
+                f"{request_id}-{index}",
+                index,
+                prompt,
+                max_tokens,
                 logprobs=request.logprobs,
                 top_logprobs=top_logprobs,
-                seed=_choice_seed(request.seed, index),
             )
-            generation = GenerationRequest(
-                request_id=f"{request_id}-{index}",
-                prompt_tokens=prompt,
-                max_tokens=max_tokens,
-                sampling=sampling,
-                stop_token_ids=served.loaded.eos_token_ids,
-                grammar=grammar() if grammar else None,
-            )
+            generation.grammar = grammar() if grammar else None
             choices.append(Choice(generation, ChoiceAssembler(served.tokenizer, options)))
         timer = RequestTimer(self.metrics, served.model_id, started)
         return Generation(served, request_id, choices, [prompt], timer)
@@ -438,18 +462,15 @@ class ChatService:
             if request.echo:
                 echo = served.tokenizer.decode(prompt)
             for index in range(request.n):
-                sampling = sampling_from(
+                generation = _choice_request(
+                    served,
                     request,
+                    f"{request_id}-{len(choices)}",
+                    index,
+                    prompt,
+                    max_tokens,
                     logprobs=request.logprobs is not None,
                     top_logprobs=request.logprobs or 0,
-                    seed=_choice_seed(request.seed, index),
-                )
-                generation = GenerationRequest(
-                    request_id=f"{request_id}-{len(choices)}",
-                    prompt_tokens=prompt,
-                    max_tokens=max_tokens,
-                    sampling=sampling,
-                    stop_token_ids=served.loaded.eos_token_ids,
                 )
                 assembler = ChoiceAssembler(served.tokenizer, options)
                 choices.append(Choice(generation, assembler, prompt_index, echo))
