@@ -624,13 +624,3 @@ class Engine:
         self._outbox = []
         for deliver, events in grouped.items():
             deliver(events)
-
-
-def wait_until_idle(engine: Engine, timeout: float = 30.0) -> None:
-    """Test helper: blocks until nothing is queued or running."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not engine._has_work() and engine._queued == 0:
-            return
-        time.sleep(0.01)
-    raise TimeoutError("engine did not go idle")
