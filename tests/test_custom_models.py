@@ -74,6 +74,10 @@ PROMPT = mx.array([[3, 17, 101, 7, 255, 42, 9, 300]])
 
 @pytest.fixture(params=list(CONFIG_VARIANTS), ids=list(CONFIG_VARIANTS))
 def config(request: pytest.FixtureRequest) -> dict[str, Any]:
+    if request.param == "rope_parameters_yarn" and not hasattr(
+        mlx_lm_qwen3.ModelArgs, "rope_parameters"
+    ):
+        pytest.skip("the reference (mlx-lm < 0.32, on Python 3.10) reads no rope_parameters")
     return CONFIG_VARIANTS[request.param]
 
 
