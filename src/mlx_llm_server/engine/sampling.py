@@ -83,6 +83,10 @@ class SamplingBatch:
         self.any_greedy = any(r.greedy for r in p)
         self.any_top_k = any(r.top_k > 0 for r in p)
         self.any_top_p = any(r.top_p < 1.0 for r in p)
+        # Rows whose sampling needs the vocabulary sorted (top-k or top-p); greedy rows never.
+        self.filtered_rows = [
+            i for i, r in enumerate(p) if not r.greedy and (r.top_k > 0 or r.top_p < 1.0)
+        ]
         self.any_min_p = any(r.min_p > 0.0 for r in p)
         self.any_penalty = any(r.uses_penalties for r in p)
         self.want_logprobs = any(r.logprobs for r in p)
@@ -202,28 +206,41 @@ class SamplingBatch:
 
     def _sample_random(self, logits: mx.array) -> mx.array:
         scaled = logits / self.temperature[:, None]
-        if self.any_top_p:  # top-p needs probabilities; the other filters do not
-            scaled = scaled - mx.logsumexp(scaled, axis=-1, keepdims=True)
-        if self.any_top_k or self.any_top_p:
-            descending = -mx.sort(-scaled, axis=-1)
-            if self.any_top_k:
-                kth = mx.take_along_axis(
-                    descending, mx.maximum(self.top_k - 1, 0)[:, None], axis=-1
-                )
-                limit = mx.where(self.top_k[:, None] > 0, kth, _MASKED)
-                scaled = mx.where(scaled < limit, _MASKED, scaled)
-                descending = mx.where(descending < limit, _MASKED, descending)
-            if self.any_top_p:
-                probs = mx.exp(descending)
-                # Keep the smallest head whose mass reaches top_p (at least one token).
-                before = mx.cumsum(probs, axis=-1) - probs
-                kept = mx.maximum(mx.sum(before < self.top_p[:, None], axis=-1), 1)
-                cutoff = mx.take_along_axis(descending, (kept - 1)[:, None], axis=-1)
-                scaled = mx.where(scaled < cutoff, _MASKED, scaled)
+        if self.filtered_rows:
+            scaled = mx.where(scaled < self._head_limit(scaled), _MASKED, scaled)
         if self.any_min_p:
             floor = mx.max(scaled, axis=-1, keepdims=True) + mx.log(self.min_p[:, None])
             scaled = mx.where(scaled < floor, _MASKED, scaled)
         return mx.argmax(scaled + self._gumbel_noise(scaled.shape), axis=-1).astype(mx.int32)
+
+    def _head_limit(self, scaled: mx.array) -> mx.array:
+        """(B, 1) logit below which top-k / top-p drop a token (-inf for unfiltered rows).
+
+        Both filters need the vocabulary sorted, the costliest operation here: only the rows
+        that ask for them are sorted.
+        """
+        rows = self.filtered_rows
+        every_row = len(rows) == len(self.params)
+        index = mx.array(rows, dtype=mx.int32)
+        sub = scaled if every_row else scaled[index]
+        top_k = self.top_k if every_row else self.top_k[index]
+        top_p = self.top_p if every_row else self.top_p[index]
+        descending = -mx.sort(-sub, axis=-1)
+        kth = mx.take_along_axis(descending, mx.maximum(top_k - 1, 0)[:, None], axis=-1)
+        limit = mx.where(top_k[:, None] > 0, kth, _MASKED)
+        if self.any_top_p:
+            kept_logits = mx.where(descending < limit, _MASKED, descending)
+            probs = mx.softmax(kept_logits, axis=-1)
+            # Keep the smallest head whose mass reaches top_p (at least one token).
+            before = mx.cumsum(probs, axis=-1) - probs
+            kept = mx.maximum(mx.sum(before < top_p[:, None], axis=-1), 1)
+            cutoff = mx.take_along_axis(descending, (kept - 1)[:, None], axis=-1)
+            limit = mx.maximum(limit, mx.where(top_p[:, None] < 1.0, cutoff, _MASKED))
+        if every_row:
+            return limit
+        full = mx.full((len(self.params), 1), _MASKED)
+        full[index] = limit
+        return full
 
     def _gumbel_noise(self, shape: tuple[int, ...]) -> mx.array:
         seeded = [(row, p.seed) for row, p in enumerate(self.params) if p.seed is not None]
