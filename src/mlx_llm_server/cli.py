@@ -298,6 +298,13 @@ def model_starter(
             from .kernels.quantized_linear import accelerate_quantized_layers
             from .text.grammar import apply_grammar_masks
 
+            path = resolve_model_path(spec.name)  # downloads show the hub's progress bars
+            logger.info(
+                "%s: loading %s (%.2f GB of weights)",
+                spec.model_id,
+                path,
+                estimate_nbytes(path) / 1e9,
+            )
             model = load(spec.name, context_length=args.context_length)
             # Faster batched 4-bit matmuls on NVIDIA GPUs; a no-op elsewhere.
             replaced = accelerate_quantized_layers(model.model)
