@@ -67,25 +67,24 @@ def script_tokens(qwen3_tokenizer_path: Path) -> list[int]:
     return list(tokenizer.encode(SCRIPT_TEXT, add_special_tokens=False))
 
 
-@pytest.fixture(scope="session")
-def scripted_server(
-    script_tokens: list[int], tmp_path_factory: pytest.TempPathFactory
+def serve_script(
+    folder: Path, tokens: list[int], model_id: str, *options: str
 ) -> Iterator[ServerProcess]:
-    """The real server answering every prompt with SCRIPT_TEXT, through a registered model file."""
+    """Runs the real server on a scripted model (a registered model file) answering `tokens`."""
     from scripted_model import write_scripted_model
 
-    folder = tmp_path_factory.mktemp("scripted")
-    model_file, model_dir = write_scripted_model(folder, script_tokens)
+    model_file, model_dir = write_scripted_model(folder, tokens)
     server = ServerProcess(
         [
             "--model-name",
             str(model_dir),
             "--served-model-name",
-            "scripted",
+            model_id,
             "--custom-model",
             str(model_file),
             "--log-level",
             "warning",
+            *options,
         ],
         folder / "server.log",
     )
@@ -94,6 +93,14 @@ def scripted_server(
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def scripted_server(
+    script_tokens: list[int], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerProcess]:
+    """The real server answering every prompt with SCRIPT_TEXT, through a registered model file."""
+    yield from serve_script(tmp_path_factory.mktemp("scripted"), script_tokens, "scripted")
 
 
 AGENT_SCRIPT = (
@@ -109,29 +116,8 @@ def agent_server(
     qwen3_tokenizer_path: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ServerProcess]:
     """The real server whose model thinks, says a sentence, then calls `get_weather`."""
-    from scripted_model import write_scripted_model
     from transformers import AutoTokenizer
 
-    tokens = AutoTokenizer.from_pretrained(qwen3_tokenizer_path).encode(AGENT_SCRIPT)
+    tokens = list(AutoTokenizer.from_pretrained(qwen3_tokenizer_path).encode(AGENT_SCRIPT))
     folder = tmp_path_factory.mktemp("agent")
-    model_file, model_dir = write_scripted_model(folder, list(tokens))
-    server = ServerProcess(
-        [
-            "--model-name",
-            str(model_dir),
-            "--served-model-name",
-            "agent",
-            "--custom-model",
-            str(model_file),
-            "--max-running",
-            "8",
-            "--log-level",
-            "warning",
-        ],
-        folder / "server.log",
-    )
-    try:
-        server.wait_healthy()
-        yield server
-    finally:
-        server.stop()
+    yield from serve_script(folder, tokens, "agent", "--max-running", "8")

@@ -377,12 +377,7 @@ class Engine:
                 room = self.config.max_running - len(self._batch) - len(ready)
                 if not self._waiting or room <= 0:
                     break
-                waiting = self._waiting.popleft()
-                try:
-                    self._start_prefill(waiting)
-                except Exception as error:  # e.g. no memory for its cache: fail it alone
-                    logger.exception("prefill failed to start for %s", waiting.request_id)
-                    self._fail(waiting, error)
+                if not self._start_prefill(self._waiting.popleft()):
                     continue
             sequence = self._prefilling[0]
             try:
@@ -432,11 +427,7 @@ class Engine:
             if len(prompt) < 2 or used + len(prompt) > budget:
                 break
             sequence = self._waiting.popleft()
-            try:
-                self._start_prefill(sequence)
-            except Exception as error:  # e.g. no memory for its cache: fail it alone
-                logger.exception("prefill failed to start for %s", sequence.request_id)
-                self._fail(sequence, error)
+            if not self._start_prefill(sequence):
                 continue
             if sequence.cached_tokens:
                 break  # it reuses a cached prefix: prefilled on its own, below
@@ -496,14 +487,21 @@ class Engine:
         self.prompt_tokens_computed += sum(lengths) + len(group)
         return cache, first, sampling
 
-    def _start_prefill(self, sequence: Sequence) -> None:
+    def _start_prefill(self, sequence: Sequence) -> bool:
+        """Moves a waiting sequence to prefilling (with any cached prefix); False if it failed."""
         self._dequeued(1)
         prompt = sequence.request.prompt_tokens
-        cache, cached = self.prefix_cache.fetch(prompt)
-        sequence.prompt_cache = cache if cache is not None else make_prompt_cache(self.model)
+        try:
+            cache, cached = self.prefix_cache.fetch(prompt)
+            sequence.prompt_cache = cache if cache is not None else make_prompt_cache(self.model)
+        except Exception as error:  # e.g. no memory for its cache: fail it alone
+            logger.exception("prefill failed to start for %s", sequence.request_id)
+            self._fail(sequence, error)
+            return False
         sequence.prefilled = sequence.cached_tokens = cached
         sequence.tokens = list(prompt[:cached])
         self._prefilling.append(sequence)
+        return True
 
     def _prefill_chunk(
         self, sequence: Sequence, budget: int
