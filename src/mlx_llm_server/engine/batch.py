@@ -5,6 +5,11 @@ model (`pending`). A step feeds the pending tokens (computing the next ones asyn
 only then reads them, so the device works on step t+1 while the host handles step t's tokens.
 Rows join with their first token sampled by the prefill and leave by filtering every per-row
 array (KV cache, sampling state, pending tokens) with the same indices.
+
+A batch of one row keeps its sequence's own single-sequence cache (`solo`) rather than a batch
+cache: no padding mask and no per-row offsets, so one user alone decodes exactly as mlx-lm's
+`generate_step` does. The cache becomes a batch cache when a second row joins, and single again
+when one row is left.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ class Sequence:
     """One request's state inside the engine."""
 
     request: GenerationRequest
-    deliver: Callable[[Any], None]
+    stream: Any  # its RequestStream; None for the engine's own warm-up sequences
     tokens: list[int] = field(default_factory=list)  # prompt + generated, as fed to the model
     cached_tokens: int = 0
     generated: int = 0
@@ -67,6 +72,7 @@ class DecodeBatch:
         self.cache: list[Any] = []
         self.sampling: SamplingBatch | None = None
         self.pending: SampleOutput | None = None
+        self.solo = False  # `cache` holds one sequence's own caches, not batch caches
 
     def __len__(self) -> int:
         return len(self.sequences)
@@ -83,6 +89,13 @@ class DecodeBatch:
         sampling: list[SamplingBatch],
     ) -> None:
         """Rows join with their prompt in `caches` and their first sampled token pending."""
+        if not self.sequences and len(sequences) == 1:
+            self.cache, self.solo = caches[0], True
+            self.pending, self.sampling = first_tokens[0], sampling[0]
+            self.sequences = list(sequences)
+            return
+        if self.solo:
+            self._to_batch_cache()
         self.add_batch(
             sequences,
             merge_caches(caches),
@@ -98,6 +111,8 @@ class DecodeBatch:
         sampling: SamplingBatch,
     ) -> None:
         """Rows join already batched: per-layer batch caches with one row per sequence."""
+        if self.solo:
+            self._to_batch_cache()
         if self.sequences:
             for mine, theirs in zip(self.cache, cache, strict=True):
                 mine.extend(theirs)
@@ -107,6 +122,14 @@ class DecodeBatch:
         else:
             self.cache, self.pending, self.sampling = cache, first_tokens, sampling
         self.sequences.extend(sequences)
+        if len(self.sequences) == 1:
+            self._to_solo_cache(0)
+
+    def _to_batch_cache(self) -> None:
+        self.cache, self.solo = merge_caches([self.cache]), False
+
+    def _to_solo_cache(self, row: int) -> None:
+        self.cache, self.solo = self.extract_cache(row), True
 
     def keep(self, rows: list[int]) -> None:
         """Drops every row not listed."""
@@ -114,15 +137,22 @@ class DecodeBatch:
             return
         if not rows:
             self.sequences, self.cache, self.sampling, self.pending = [], [], None, None
+            self.solo = False
             return
-        for layer in self.cache:
-            layer.filter(mx.array(rows, dtype=mx.int32))
+        if len(rows) == 1:
+            self._to_solo_cache(rows[0])
+        else:
+            for layer in self.cache:
+                layer.filter(mx.array(rows, dtype=mx.int32))
         assert self.pending is not None and self.sampling is not None
         self.pending = self.pending.select(rows)
         self.sampling = self.sampling.select(rows)
         self.sequences = [self.sequences[r] for r in rows]
 
     def extract_cache(self, row: int) -> list[Any]:
+        """Row `row`'s cache as single-sequence caches (a solo row's own cache as it is)."""
+        if self.solo:
+            return self.cache
         return [layer.extract(row) for layer in self.cache]
 
     def step(self) -> list[ReadToken]:

@@ -9,6 +9,7 @@ then one decode step for every running sequence.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import ctypes.util
 import logging
@@ -86,7 +87,12 @@ class RequestStream:
         self._ready = asyncio.Event()
         self.finished = False
 
-    def _push(self, events: list[EngineEvent]) -> None:
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        return self._loop
+
+    def push(self, events: list[EngineEvent]) -> None:
+        """Event-loop side: adds events and wakes the consumer."""
         self._events.extend(events)
         self._ready.set()
 
@@ -146,7 +152,7 @@ class Engine:
         self._by_id: dict[str, Sequence] = {}
         self._queued = 0  # submitted and not yet prefilling; guarded by _lock
         self._lock = threading.Lock()
-        self._outbox: list[tuple[Callable[[Any], None], EngineEvent]] = []
+        self._outbox: list[tuple[RequestStream | None, EngineEvent]] = []
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self._ready = threading.Event()
@@ -194,13 +200,8 @@ class Engine:
                     "The server is at capacity; retry shortly.", retry_after_seconds=1
                 )
             self._queued += 1
-        loop = asyncio.get_running_loop()
-        stream = RequestStream(self, request.request_id, loop)
-
-        def deliver(events: list[EngineEvent]) -> None:
-            loop.call_soon_threadsafe(stream._push, events)
-
-        self._inbox.put(("submit", Sequence(request, deliver)))
+        stream = RequestStream(self, request.request_id, asyncio.get_running_loop())
+        self._inbox.put(("submit", Sequence(request, stream)))
         return stream
 
     def cancel(self, request_id: str) -> None:
@@ -294,7 +295,7 @@ class Engine:
                 max_tokens=1 << 30,
                 sampling=sampling,
             )
-            sequence = Sequence(request, lambda events: None)
+            sequence = Sequence(request, None)
             sequences.append(sequence)
             self._waiting.append(sequence)
             with self._lock:
@@ -582,7 +583,7 @@ class Engine:
         if token.token_id in request.stop_token_ids:
             return "stop"
         self._outbox.append(
-            (sequence.deliver, TokenEvent(token.token_id, token.logprob, token.top_logprobs))
+            (sequence.stream, TokenEvent(token.token_id, token.logprob, token.top_logprobs))
         )
         if request.grammar is not None and request.grammar.is_finished():
             return "stop"
@@ -594,12 +595,12 @@ class Engine:
         self._by_id.pop(sequence.request_id, None)
         # The end-of-sequence token counts as generated, as OpenAI and vLLM count it.
         event = FinishEvent(reason, sequence.prompt_len, sequence.generated, sequence.cached_tokens)
-        self._outbox.append((sequence.deliver, event))
+        self._outbox.append((sequence.stream, event))
 
     def _fail(self, sequence: Sequence, error: Exception) -> None:
         self._by_id.pop(sequence.request_id, None)
         wrapped = error if isinstance(error, EngineError) else EngineError(str(error))
-        self._outbox.append((sequence.deliver, ErrorEvent(wrapped)))
+        self._outbox.append((sequence.stream, ErrorEvent(wrapped)))
 
     def _fail_everything(self, error: Exception) -> None:
         for sequence in list(self._by_id.values()):
@@ -613,12 +614,27 @@ class Engine:
                 self._fail(payload, error)
 
     def _flush(self) -> None:
-        """Hands this step's events to the event loop: one wake-up per request per step."""
+        """Hands this step's events to the event loop: one wake-up of the loop per step.
+
+        One thread-safe call per step (not one per request) matters with many streams: each
+        call writes to the loop's wake-up socket and schedules a callback.
+        """
         if not self._outbox:
             return
-        grouped: dict[Callable[[Any], None], list[EngineEvent]] = {}
-        for deliver, event in self._outbox:
-            grouped.setdefault(deliver, []).append(event)
+        grouped: dict[RequestStream, list[EngineEvent]] = {}
+        for stream, event in self._outbox:
+            if stream is not None:  # None: a warm-up sequence, nobody listens
+                grouped.setdefault(stream, []).append(event)
         self._outbox = []
-        for deliver, events in grouped.items():
-            deliver(events)
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[RequestStream, list[EngineEvent]]]]
+        by_loop = {}
+        for stream, events in grouped.items():
+            by_loop.setdefault(stream.loop, []).append((stream, events))
+        for loop, deliveries in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # a closed loop: nobody left to read them
+                loop.call_soon_threadsafe(_push_all, deliveries)
+
+
+def _push_all(deliveries: list[tuple[RequestStream, list[EngineEvent]]]) -> None:
+    for stream, events in deliveries:
+        stream.push(events)

@@ -1,0 +1,100 @@
+"""The engine without HTTP: rows joining and leaving a running batch keep every sequence exact.
+
+A batch of one row decodes on its sequence's own cache (as mlx-lm's `generate_step` does) and
+switches to a batch cache when others join; these tests run the real tiny Qwen3 through the
+real loading path and compare every sequence with mlx-lm decoding it alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import mlx.core as mx
+import pytest
+
+from mlx_llm_server.engine.engine import Engine, EngineConfig, EngineModel
+from mlx_llm_server.engine.types import GenerationRequest, SamplingParams, TokenEvent
+from mlx_llm_server.models.loader import load
+
+PROMPTS = [list(range(300, 340)), list(range(1000, 1013)), list(range(5000, 5071))]
+
+
+def reference_tokens(model_dir: Path, prompt: list[int], count: int) -> list[int]:
+    """mlx-lm's own greedy decode of one sequence, alone."""
+    from mlx_lm.generate import generate_step
+
+    loaded = load(str(model_dir))
+    steps = generate_step(mx.array(prompt), loaded.model, max_tokens=count)
+    return [int(token) for token, _ in steps]
+
+
+@pytest.fixture(scope="module")
+def references(tiny_qwen3_dir: Path) -> list[list[int]]:
+    return [reference_tokens(tiny_qwen3_dir, prompt, 40) for prompt in PROMPTS]
+
+
+async def collect(engine: Engine, index: int, max_tokens: int, seen: list[int]) -> list[int]:
+    request = GenerationRequest(
+        f"r{index}-{max_tokens}", PROMPTS[index], max_tokens, SamplingParams(temperature=0.0)
+    )
+    tokens = []
+    async for event in engine.submit(request):
+        if isinstance(event, TokenEvent):
+            tokens.append(event.token_id)
+            seen[index] = len(tokens)
+    return tokens
+
+
+async def until(condition: object) -> None:
+    for _ in range(2000):
+        if condition():  # type: ignore[operator]
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError("not reached")
+
+
+def test_rows_joining_and_leaving_decode_as_if_alone(
+    tiny_qwen3_dir: Path, references: list[list[int]]
+) -> None:
+    """0 starts alone; 1 joins; 0 leaves, so 1 (the second row) goes on alone; 2 joins and
+    leaves; 1 ends alone."""
+
+    async def run() -> tuple[list[list[int]], list[bool]]:
+        engine = Engine(EngineConfig(max_running=4, prefill_chunk=64))
+
+        def setup() -> EngineModel:
+            loaded = load(str(tiny_qwen3_dir))
+            return EngineModel(loaded.model, loaded.vocab_size)
+
+        await asyncio.wrap_future(engine.start(setup))
+        seen = [0, 0, 0]
+        modes: list[bool] = []
+        try:
+            first = asyncio.ensure_future(collect(engine, 0, 6, seen))
+            await until(lambda: seen[0] >= 2)
+            modes.append(engine._batch.solo)
+            second = asyncio.ensure_future(collect(engine, 1, 40, seen))
+            await until(lambda: seen[1] >= 1)
+            modes.append(engine._batch.solo)
+            outputs = [await first]
+            await until(lambda: len(engine._batch) <= 1)
+            modes.append(engine._batch.solo)
+            third = asyncio.ensure_future(collect(engine, 2, 8, seen))
+            await until(lambda: seen[2] >= 1)
+            modes.append(engine._batch.solo)
+            outputs.append(await third)
+            await until(lambda: len(engine._batch) <= 1)
+            assert seen[1] < 40, "the second sequence ended before it was alone again"
+            modes.append(engine._batch.solo)
+            outputs.insert(1, await second)
+        finally:
+            engine.stop()
+        return outputs, modes
+
+    outputs, modes = asyncio.run(run())
+    assert outputs[0] == references[0][:6]
+    assert outputs[1] == references[1]
+    assert outputs[2] == references[2][:8]
+    # Each change between a sequence's own cache and a batch cache was exercised.
+    assert modes == [True, False, True, False, True]
