@@ -38,6 +38,30 @@ def raw_generate_step(model: object, steps: int) -> float:
     return count / (time.perf_counter() - started)
 
 
+def graph_build_split(model: object, steps: int = 48) -> str:
+    """One stream, plain cache, no pipelining: median ms to build a step's graph in Python,
+    and to evaluate it (encoding the kernels on the host plus running them)."""
+    import mlx.core as mx
+    from mlx_lm.models.cache import make_prompt_cache
+
+    cache = make_prompt_cache(model)
+    mx.eval(model(mx.array([list(range(100, 164))]), cache=cache))  # type: ignore[operator]
+    token = mx.array([[7]])
+    builds, evals = [], []
+    for _ in range(steps):
+        started = time.perf_counter()
+        logits = model(token, cache=cache)  # type: ignore[operator]
+        token = mx.argmax(logits[:, -1, :], axis=-1, keepdims=True)
+        built = time.perf_counter()
+        mx.eval(token)
+        builds.append(built - started)
+        evals.append(time.perf_counter() - built)
+    return (
+        f"build {statistics.median(builds[8:]) * 1000:.2f} ms, "
+        f"evaluate {statistics.median(evals[8:]) * 1000:.2f} ms per step"
+    )
+
+
 async def decode_one(
     engine: object, tag: str, i: int, steps: int, first_token: int, stamps: list[float]
 ) -> None:
@@ -54,6 +78,91 @@ async def decode_one(
     async for event in engine.submit(request):  # type: ignore[attr-defined]
         if isinstance(event, TokenEvent) and i == 0:
             stamps.append(time.perf_counter())
+
+
+async def first_token_seconds(engine: object, tag: str, prompt: list[int]) -> float:
+    from mlx_llm_server.engine.types import GenerationRequest, SamplingParams, TokenEvent
+
+    request = GenerationRequest(tag, prompt, 1, SamplingParams(temperature=0.0), frozenset())
+    started = time.perf_counter()
+    async for event in engine.submit(request):  # type: ignore[attr-defined]
+        if isinstance(event, TokenEvent):
+            return time.perf_counter() - started
+    return float("nan")
+
+
+async def probe_shapes(engine: object) -> None:
+    """Shapes the warm-up never ran: new prompt lengths (twice each: a stall shows as a first
+    run much slower than the second), a growing conversation, and one long decode crossing
+    KV-cache growth boundaries (every 256 tokens)."""
+    base = 20_000
+    for length in (37, 100, 333, 777, 1500, 3000):
+        runs = []
+        for repeat in range(2):
+            start = base + 7919 * (length + repeat)
+            prompt = [(start + i) % 150_000 for i in range(length)]
+            runs.append(await first_token_seconds(engine, f"len{length}-{repeat}", prompt))
+        print(
+            f"  new prompt length {length:5}: TTFT first {runs[0] * 1000:7.1f} ms, "
+            f"again {runs[1] * 1000:7.1f} ms",
+            flush=True,
+        )
+    conversation = [(base + 3 * i) % 150_000 for i in range(300)]
+    turns = []
+    for turn in range(8):
+        turns.append(await first_token_seconds(engine, f"turn{turn}", list(conversation)))
+        conversation += [(base + 11 * turn + i) % 150_000 for i in range(57 + 13 * turn)]
+    print("  growing conversation TTFT ms: " + " ".join(f"{t * 1000:.0f}" for t in turns))
+    stamps: list[float] = []
+    await decode_one(engine, "long", 0, 700, 400, stamps)
+    gaps = [b - a for a, b in itertools.pairwise(stamps)]
+    slow = sorted(range(len(gaps)), key=lambda i: -gaps[i])[:4]
+    print(
+        f"  one stream, 700 tokens: median step {statistics.median(gaps) * 1000:.1f} ms, "
+        "slowest " + ", ".join(f"{gaps[i] * 1000:.0f} ms at token {i + 1}" for i in sorted(slow)),
+        flush=True,
+    )
+
+
+class StepClock:
+    """Splits the engine's decode step into building the next step's graph (host work) and
+    waiting for the tokens of the step before (the device, or a host behind it)."""
+
+    def __init__(self) -> None:
+        from mlx_llm_server.engine.batch import DecodeBatch
+
+        self.step_seconds = 0.0
+        self.read_seconds = 0.0
+        self.steps = 0
+        step, read = DecodeBatch.step, DecodeBatch._read
+        clock = self
+
+        def timed_step(batch: DecodeBatch) -> list:
+            started = time.perf_counter()
+            try:
+                return step(batch)
+            finally:
+                clock.step_seconds += time.perf_counter() - started
+                clock.steps += 1
+
+        def timed_read(batch: DecodeBatch, output: object) -> list:
+            started = time.perf_counter()
+            try:
+                return read(batch, output)
+            finally:
+                clock.read_seconds += time.perf_counter() - started
+
+        DecodeBatch.step = timed_step  # type: ignore[method-assign]
+        DecodeBatch._read = timed_read  # type: ignore[method-assign]
+
+    def reset(self) -> None:
+        self.step_seconds = self.read_seconds = 0.0
+        self.steps = 0
+
+    def summary(self) -> str:
+        steps = max(self.steps, 1)
+        build = (self.step_seconds - self.read_seconds) / steps * 1000
+        return f"build {build:.2f} ms + wait {self.read_seconds / steps * 1000:.2f} ms per step"
 
 
 def engine_decode(
@@ -84,8 +193,10 @@ def engine_decode(
             f"(warm-up {engine.warm_up_seconds:.1f}s)",
             flush=True,
         )
+        clock = StepClock()
         for batch in batches:
             stamps: list[float] = []
+            clock.reset()
             t0 = time.perf_counter()
             await asyncio.gather(
                 *(decode_one(engine, f"b{batch}", i, steps, 200, stamps) for i in range(batch))
@@ -96,9 +207,10 @@ def engine_decode(
             results.append((batch, batch / step, max(gaps), wall))
             print(
                 f"  batch {batch:3}: {batch / step:8.1f} tok/s steady, step {step * 1000:6.1f} ms, "
-                f"slowest {max(gaps) * 1000:7.1f} ms, wall {wall:.1f}s",
+                f"slowest {max(gaps) * 1000:7.1f} ms, wall {wall:.1f}s; {clock.summary()}",
                 flush=True,
             )
+        await probe_shapes(engine)
         # Odd batch sizes after warm-up: a compile on the request path would stall a step here.
         for batch in (3, 5, 12, 27):
             if batch > max(batches):
@@ -140,8 +252,21 @@ def main() -> int:
 
     model, _ = load(str(args.model))
     print(
-        f"raw mlx-lm generate_step, 1 stream: {raw_generate_step(model, 128):.1f} tok/s", flush=True
+        f"raw mlx-lm generate_step, 1 stream: {raw_generate_step(model, 128):.1f} tok/s; "
+        f"unpipelined {graph_build_split(model)}",
+        flush=True,
     )
+    import mlx.core as mx
+
+    if mx.cuda.is_available():
+        from mlx_llm_server.kernels.quantized_linear import accelerate_quantized_layers
+
+        accelerate_quantized_layers(model)
+        print(
+            f"raw generate_step, accelerated layers: {raw_generate_step(model, 128):.1f} tok/s; "
+            f"unpipelined {graph_build_split(model)}",
+            flush=True,
+        )
     del model
     batches = [int(b) for b in args.batches.split(",")]
     modes = {"no": [False], "yes": [True], "both": [False, True]}[args.accelerate]

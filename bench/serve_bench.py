@@ -164,10 +164,19 @@ async def stream_once(
     )
 
 
-async def run_round(
-    server: Server, clients: int, rounds: int, prompt_words: int, output_tokens: int
-) -> RoundResult:
-    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
+async def run_clients(
+    url: str,
+    model_id: str,
+    indices: list[int],
+    rounds: int,
+    prompt_words: int,
+    output_tokens: int,
+) -> list[RequestTiming | None]:
+    server = Server.__new__(Server)  # only what stream_once reads
+    server.name, server.url, server.model_id = "client", url, model_id
+    limits = httpx.Limits(
+        max_connections=len(indices) + 4, max_keepalive_connections=len(indices) + 4
+    )
     async with httpx.AsyncClient(timeout=httpx.Timeout(1800.0), limits=limits) as http:
 
         async def client(index: int) -> list[RequestTiming | None]:
@@ -178,15 +187,70 @@ async def run_round(
                         http, server, prompt_for(index * 100 + r, prompt_words), output_tokens
                     )
                 except httpx.HTTPError as error:
-                    print(f"  {server.name}: request failed: {type(error).__name__}", flush=True)
+                    print(f"  request failed: {type(error).__name__}", flush=True)
                     timing = None
                 timings.append(timing)
             return timings
 
+        results = await asyncio.gather(*(client(i) for i in indices))
+    return [t for per_client in results for t in per_client]
+
+
+def client_worker(
+    args: tuple[str, str, list[int], int, int, int, float],
+) -> tuple[list[RequestTiming | None], float]:
+    """One client process: waits for the common start, runs its clients, returns the timings
+    and when it finished (wall clock, comparable across processes)."""
+    url, model_id, indices, rounds, prompt_words, output_tokens, start_at = args
+    time.sleep(max(0.0, start_at - time.time()))
+    timings = asyncio.run(run_clients(url, model_id, indices, rounds, prompt_words, output_tokens))
+    return timings, time.time()
+
+
+def run_round(
+    server: Server,
+    clients: int,
+    rounds: int,
+    prompt_words: int,
+    output_tokens: int,
+    processes: int = 1,
+) -> RoundResult:
+    """N clients, spread over `processes` client processes so that parsing the streams never
+    limits what is measured (one Python process parses ~10k events/s at most)."""
+    processes = max(1, min(processes, clients))
+    if processes == 1:
         started = time.perf_counter()
-        results = await asyncio.gather(*(client(i) for i in range(clients)))
+        timings = asyncio.run(
+            run_clients(
+                server.url,
+                server.model_id,
+                list(range(clients)),
+                rounds,
+                prompt_words,
+                output_tokens,
+            )
+        )
         wall = time.perf_counter() - started
-    timings = [t for per_client in results for t in per_client]
+    else:
+        import multiprocessing
+
+        start_at = time.time() + 2.0  # every process started and idle by then
+        jobs = [
+            (
+                server.url,
+                server.model_id,
+                list(range(p, clients, processes)),
+                rounds,
+                prompt_words,
+                output_tokens,
+                start_at,
+            )
+            for p in range(processes)
+        ]
+        with multiprocessing.get_context("spawn").Pool(processes) as pool:
+            outcomes = pool.map(client_worker, jobs)
+        timings = [t for part, _ in outcomes for t in part]
+        wall = max(end for _, end in outcomes) - start_at
     done = [t for t in timings if t is not None]
     return RoundResult(clients, wall, done, errors=len(timings) - len(done))
 
@@ -269,6 +333,13 @@ def main() -> int:
     parser.add_argument("--turns", type=int, default=10)
     parser.add_argument("--max-running", type=int, default=64)
     parser.add_argument("--servers", default="ours,mlx_lm")
+    parser.add_argument(
+        "--client-processes",
+        type=int,
+        default=max(1, min(8, (os.cpu_count() or 2) // 2)),
+        help="processes the clients are spread over",
+    )
+    parser.add_argument("--ours-arg", action="append", default=[], help="extra server option")
     parser.add_argument("--warmup", action="store_true", help="one untimed round of every N first")
     parser.add_argument("--openblas", action="store_true", help="preload Debian's OpenBLAS (CPU)")
     parser.add_argument("--json-out", type=Path)
@@ -299,6 +370,7 @@ def main() -> int:
             "1024",
             "--log-level",
             "warning",
+            *args.ours_arg,
         ],
         "mlx_lm": [
             sys.executable,
@@ -318,23 +390,36 @@ def main() -> int:
     results: dict[str, dict[int, RoundResult]] = {}
     turns: dict[str, list[float]] = {}
     startup: dict[str, float] = {}
+    cold: dict[str, list[float]] = {}
     for name in names:
         port = free_port()
         command = [*commands[name], "--port", str(port)]
         server = Server(name, command, port, env, args.log_dir / f"{name}.log")
         try:
             startup[name] = server.wait_ready(model_ids[name], timeout=1800)
+            # The first requests a fresh server answers, before any warm-up round: stalls from
+            # compiling on the request path show here.
+            cold[name] = []
+            for _ in range(3):
+                first = run_round(server, 1, 1, args.prompt_words, args.output_tokens).timings
+                cold[name].append(first[0].ttft if first else float("nan"))
+            print(f"  {name:7} cold N=1 TTFT: " + ", ".join(f"{t:.3f}s" for t in cold[name]))
             if args.warmup:
                 for n in client_counts:
-                    warm = asyncio.run(run_round(server, n, 1, args.prompt_words, 8))
+                    warm = run_round(server, n, 1, args.prompt_words, 8, args.client_processes)
                     print(
                         f"  {name:7} warm-up N={n:<3} {warm.wall:.1f}s, {warm.errors} failed",
                         flush=True,
                     )
             results[name] = {}
             for n in client_counts:
-                results[name][n] = asyncio.run(
-                    run_round(server, n, args.rounds, args.prompt_words, args.output_tokens)
+                results[name][n] = run_round(
+                    server,
+                    n,
+                    args.rounds,
+                    args.prompt_words,
+                    args.output_tokens,
+                    args.client_processes,
                 )
                 r = results[name][n]
                 print(
@@ -352,9 +437,12 @@ def main() -> int:
     print()
     print(
         f"model {model_dir.name} | prompt ~{args.prompt_words} words | {args.output_tokens} output tokens | "
-        f"{args.rounds} requests per client | {platform.machine()} | warmup={args.warmup}"
+        f"{args.rounds} requests per client | {platform.machine()} | warmup={args.warmup} | "
+        f"client processes {args.client_processes}"
     )
     print("start-up to first answer: " + ", ".join(f"{n} {s:.1f}s" for n, s in startup.items()))
+    for name, ttfts in cold.items():
+        print(f"first 3 requests (N=1), TTFT: {name} " + " ".join(f"{t:.3f}s" for t in ttfts))
     header = f"{'server':8} {'N':>3} {'tok/s':>9} {'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>9} {'ITL p99':>9} {'failed':>6}"
     print(header)
     print("-" * len(header))
@@ -398,6 +486,7 @@ def main() -> int:
         }
         payload["turns"] = turns  # type: ignore[assignment]
         payload["startup"] = startup  # type: ignore[assignment]
+        payload["cold_ttft"] = cold  # type: ignore[assignment]
         args.json_out.write_text(json.dumps(payload, indent=2))
     return 0
 
