@@ -166,7 +166,12 @@ class StepClock:
 
 
 def engine_decode(
-    folder: Path, batches: list[int], steps: int, accelerate: bool
+    folder: Path,
+    batches: list[int],
+    steps: int,
+    accelerate: bool,
+    compiled: bool = False,
+    skip_probes: bool = False,
 ) -> list[tuple[int, float, float, float]]:
     from mlx_llm_server.engine.engine import Engine, EngineConfig, EngineModel
     from mlx_llm_server.models.loader import load
@@ -184,6 +189,10 @@ def engine_decode(
                 print(
                     f"  accelerated layers: {accelerate_quantized_layers(loaded.model)}", flush=True
                 )
+            if compiled:
+                from mlx_llm_server.kernels.compiled_decode import compile_decode_blocks
+
+                print(f"  compiled blocks: {compile_decode_blocks(loaded.model)}", flush=True)
             return EngineModel(loaded.model, loaded.vocab_size)
 
         started = time.perf_counter()
@@ -210,7 +219,8 @@ def engine_decode(
                 f"slowest {max(gaps) * 1000:7.1f} ms, wall {wall:.1f}s; {clock.summary()}",
                 flush=True,
             )
-        await probe_shapes(engine)
+        if not skip_probes:
+            await probe_shapes(engine)
         # Odd batch sizes after warm-up: a compile on the request path would stall a step here.
         for batch in (3, 5, 12, 27):
             if batch > max(batches):
@@ -243,6 +253,8 @@ def main() -> int:
     parser.add_argument("--batches", default="1,8,32,64")
     parser.add_argument("--steps", type=int, default=64)
     parser.add_argument("--accelerate", choices=["no", "yes", "both"], default="both")
+    parser.add_argument("--compiled", choices=["no", "yes", "both"], default="yes")
+    parser.add_argument("--skip-probes", action="store_true")
     args = parser.parse_args()
     if not (args.model / "config.json").exists():
         from serve_bench import build_model
@@ -267,12 +279,24 @@ def main() -> int:
             f"unpipelined {graph_build_split(model)}",
             flush=True,
         )
+    from mlx_llm_server.kernels.compiled_decode import compile_decode_blocks
+
+    compile_decode_blocks(model)
+    print(
+        f"raw generate_step, compiled blocks: {raw_generate_step(model, 128):.1f} tok/s; "
+        f"unpipelined {graph_build_split(model)}",
+        flush=True,
+    )
     del model
     batches = [int(b) for b in args.batches.split(",")]
     modes = {"no": [False], "yes": [True], "both": [False, True]}[args.accelerate]
     for accelerate in modes:
-        print(f"engine, accelerated quantized matmul: {accelerate}", flush=True)
-        engine_decode(args.model, batches, args.steps, accelerate)
+        for compiled in {"no": [False], "yes": [True], "both": [False, True]}[args.compiled]:
+            print(
+                f"engine, accelerated quantized matmul: {accelerate}, compiled blocks: {compiled}",
+                flush=True,
+            )
+            engine_decode(args.model, batches, args.steps, accelerate, compiled, args.skip_probes)
     return 0
 
 

@@ -135,6 +135,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="on a Linux CPU, keep MLX's bundled BLAS instead of preloading the system's OpenBLAS",
     )
     parser.add_argument(
+        "--compiled-decode",
+        action="store_true",
+        help="decode steps through compiled transformer blocks (measured: faster on a host-bound "
+        "CPU at batch 8+, not on an H100; see bench/NOTES.md)",
+    )
+    parser.add_argument(
         "--custom-model",
         action="append",
         default=[],
@@ -295,6 +301,7 @@ def model_starter(
         loaded: list[LoadedModel] = []
 
         def setup() -> EngineModel:
+            from .kernels.compiled_decode import compile_decode_blocks
             from .kernels.quantized_linear import accelerate_quantized_layers
             from .text.grammar import apply_grammar_masks
 
@@ -312,6 +319,10 @@ def model_starter(
                 logger.info(
                     "%s: %d quantized layers use the batched GPU path", spec.model_id, replaced
                 )
+            # After the swap above: the compiled functions trace whatever layers are in place.
+            if args.compiled_decode:
+                compiled = compile_decode_blocks(model.model)
+                logger.info("%s: %d blocks decode through compiled graphs", spec.model_id, compiled)
             loaded.append(model)
             return EngineModel(model.model, model.vocab_size, grammar_masker=apply_grammar_masks)
 
@@ -365,10 +376,31 @@ def _restart_with_openblas(argv: Sequence[str] | None) -> None:
     os.execve(sys.executable, [sys.executable, "-m", "mlx_llm_server", *arguments], env)
 
 
+# MLX settings for its CUDA backend, read once at first use; a user's own values win.
+# cuDNN's attention builds a graph for every new prompt shape on the request path (0.1-1.4 s
+# each on an H100); without it, prompts take the composed path and new lengths cost nothing
+# extra. Larger command buffers mean fewer graph launches a step. Measured: bench/NOTES.md.
+CUDA_DEFAULTS = {
+    "MLX_CUDA_USE_CUDNN_SDPA": "0",
+    "MLX_MAX_OPS_PER_BUFFER": "100",
+    "MLX_MAX_MB_PER_BUFFER": "100",
+    "MLX_CUDA_GRAPH_CACHE_SIZE": "400",
+}
+
+
+def apply_cuda_defaults() -> None:
+    import mlx.core as mx
+
+    if mx.cuda.is_available():
+        for name, value in CUDA_DEFAULTS.items():
+            os.environ.setdefault(name, value)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not args.bundled_blas:
         _restart_with_openblas(argv)
+    apply_cuda_defaults()
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

@@ -275,14 +275,15 @@ class Engine:
         """Runs the shapes requests will meet (prompt lengths, batch sizes, sampling paths) once.
 
         First use of a shape compiles kernels (seconds on a GPU); doing it here keeps that off
-        every user's request. One prompt fills a whole prefill chunk; then a batch of short
-        prompts grows to each power of two up to `max_running`, decoding two steps at each size.
+        every user's request. Two prompts of different lengths are prefilled together (padded
+        and masked); one prompt fills a whole prefill chunk; then a batch of short prompts grows
+        to each power of two up to `max_running`, decoding two steps at each size.
         The synthetic sequences go through the normal prefill and decode path and leave no
         trace: they are dropped, and counters and the prefix cache are reset afterwards.
         """
         sequences: list[Sequence] = []
 
-        def add(length: int) -> None:
+        def add(length: int) -> Sequence:
             index = len(sequences)
             sampling = (
                 SamplingParams(temperature=0.0)
@@ -300,6 +301,7 @@ class Engine:
             self._waiting.append(sequence)
             with self._lock:
                 self._queued += 1
+            return sequence
 
         def run(steps: int) -> None:
             while self._waiting or self._prefilling:
@@ -307,12 +309,18 @@ class Engine:
             for _ in range(steps):
                 self._step(block=False)
 
+        # Prompts of several tokens arriving together: one padded, masked prefill pass.
+        group = [add(17), add(40)]
+        run(2)
+        for sequence in group:
+            sequence.cancelled = True
+        self._step(block=False)
         add(self.config.prefill_chunk + 3)
         run(2)
         size = 1
         while size < self.config.max_running:
             size = min(size * 2, self.config.max_running)
-            for _ in range(size - len(sequences)):
+            for _ in range(size - len(self._batch)):
                 add(2)
             run(2)
         for sequence in sequences:

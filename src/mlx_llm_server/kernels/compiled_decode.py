@@ -1,0 +1,121 @@
+"""Decode steps of Llama-family transformer blocks as two compiled functions each.
+
+A decode step is host-bound on a fast GPU: building the graph op by op in Python (about 30
+operations a block, each through `nn.Module` attribute lookups) and encoding one kernel each
+takes longer than the GPU needs to run them (see bench/NOTES.md, "Serving on NVIDIA"). Here
+everything in a block but the KV-cache update and the attention itself is traced once per batch
+size with `mx.compile`: the norms, projections, rope, residuals and the MLP replay as one graph,
+and compilation fuses their elementwise work into fewer kernels.
+
+The swap is in place and exact: the same modules and weights run the same operations (bit for
+bit on the CPU; `tests/test_compiled_decode.py`), only when one token a row is fed and the cache
+is a plain or batched KV cache; prompts (many tokens a row) and every other cache type take the
+block's own path. It applies to the blocks of the architectures listed in `_BLOCK_MODULES`,
+whose blocks compute `h = x + attn(norm(x)); h + mlp(norm(h))` with q/k/v/o projections,
+optional q/k RMSNorm, rope and a gated MLP.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.cache import BatchKVCache, KVCache
+
+__all__ = ["CompiledDecodeBlock", "compile_decode_blocks"]
+
+_BLOCK_MODULES = frozenset(
+    {
+        "mlx_lm.models.llama",
+        "mlx_lm.models.qwen2",
+        "mlx_lm.models.qwen3",
+        "mlx_llm_server.custom_models.qwen3",
+    }
+)
+_CACHES = (KVCache, BatchKVCache)
+
+
+class CompiledDecodeBlock(nn.Module):
+    """Wraps one transformer block; its decode steps run through two compiled functions."""
+
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        self.block = block
+        attention, mlp = block.self_attn, block.mlp
+        has_qk_norm = hasattr(attention, "q_norm") and hasattr(attention, "k_norm")
+
+        def before_attention(x: mx.array, offset: mx.array) -> tuple[mx.array, ...]:
+            batch, length, _ = x.shape
+            normed = block.input_layernorm(x)
+            queries = attention.q_proj(normed).reshape(batch, length, attention.n_heads, -1)
+            keys = attention.k_proj(normed).reshape(batch, length, attention.n_kv_heads, -1)
+            values = attention.v_proj(normed).reshape(batch, length, attention.n_kv_heads, -1)
+            if has_qk_norm:
+                queries, keys = attention.q_norm(queries), attention.k_norm(keys)
+            queries = attention.rope(queries.transpose(0, 2, 1, 3), offset=offset)
+            keys = attention.rope(keys.transpose(0, 2, 1, 3), offset=offset)
+            return queries, keys, values.transpose(0, 2, 1, 3)
+
+        def after_attention(x: mx.array, attended: mx.array) -> mx.array:
+            batch, _, length, _ = attended.shape
+            merged = attended.transpose(0, 2, 1, 3).reshape(batch, length, -1)
+            h = x + attention.o_proj(merged)
+            return h + mlp(block.post_attention_layernorm(h))
+
+        self._before: Callable[..., Any] = mx.compile(before_attention)
+        self._after: Callable[..., Any] = mx.compile(after_attention)
+
+    def __getattr__(self, name: str) -> Any:
+        # The model may read its blocks' own settings (e.g. llama's `use_sliding`).
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "block":
+                raise
+            return getattr(self.block, name)
+
+    def __call__(self, x: mx.array, mask: Any = None, cache: Any = None) -> mx.array:
+        if x.shape[1] != 1 or type(cache) not in _CACHES:
+            return self.block(x, mask, cache)
+        offset = cache.offset
+        if isinstance(offset, int):
+            offset = mx.array(offset, dtype=mx.int32)  # an input, so one trace serves all
+        queries, keys, values = self._before(x, offset)
+        keys, values = cache.update_and_fetch(keys, values)
+        attention = self.block.self_attn
+        attended = mx.fast.scaled_dot_product_attention(
+            queries, keys, values, scale=attention.scale, mask=mask
+        )
+        return self._after(x, attended)
+
+
+def _eligible(block: nn.Module) -> bool:
+    if type(block).__module__ not in _BLOCK_MODULES:
+        return False
+    attention = getattr(block, "self_attn", None)
+    mlp = getattr(block, "mlp", None)
+    needed = ("q_proj", "k_proj", "v_proj", "o_proj", "rope", "n_heads", "n_kv_heads", "scale")
+    return (
+        attention is not None
+        and mlp is not None
+        and all(hasattr(attention, name) for name in needed)
+        and hasattr(block, "input_layernorm")
+        and hasattr(block, "post_attention_layernorm")
+    )
+
+
+def compile_decode_blocks(model: nn.Module) -> int:
+    """Wraps every eligible transformer block of `model` in place; returns how many."""
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if not isinstance(layers, list):
+        return 0
+    wrapped = 0
+    for index, block in enumerate(layers):
+        if isinstance(block, CompiledDecodeBlock) or not _eligible(block):
+            continue
+        layers[index] = CompiledDecodeBlock(block)
+        wrapped += 1
+    return wrapped
