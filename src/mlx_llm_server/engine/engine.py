@@ -66,6 +66,23 @@ def release_free_heap() -> None:
         _MALLOC_TRIM(0)
 
 
+# Every sampling feature runs a kernel of its own (a scatter for logit_bias and the penalty
+# counts, a partition for top_logprobs, a sort for top-p, per-row noise for seeds); on a GPU
+# each one's first use compiles it, so the warm-up uses them all.
+WARM_UP_SAMPLING = (
+    SamplingParams(temperature=0.0),
+    SamplingParams(temperature=0.7, top_p=0.9, top_k=20, min_p=0.05),
+    SamplingParams(temperature=0.0, logit_bias={0: -100.0, 1: 5.0}, logprobs=True, top_logprobs=5),
+    SamplingParams(
+        temperature=0.8,
+        seed=1,
+        presence_penalty=0.5,
+        frequency_penalty=0.5,
+        repetition_penalty=1.1,
+    ),
+)
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     max_running: int = 64
@@ -285,11 +302,7 @@ class Engine:
 
         def add(length: int) -> Sequence:
             index = len(sequences)
-            sampling = (
-                SamplingParams(temperature=0.0)
-                if index % 2 == 0
-                else SamplingParams(temperature=0.7, top_p=0.9, top_k=20, min_p=0.05)
-            )
+            sampling = WARM_UP_SAMPLING[index % len(WARM_UP_SAMPLING)]
             request = GenerationRequest(
                 request_id=f"warm-up-{index}",
                 prompt_tokens=[(7 * index + i) % self.vocab_size for i in range(length)],
@@ -310,7 +323,7 @@ class Engine:
                 self._step(block=False)
 
         # Prompts of several tokens arriving together: one padded, masked prefill pass.
-        group = [add(17), add(40)]
+        group = [add(length) for length in (17, 40)[: self.config.max_running]]
         run(2)
         for sequence in group:
             sequence.cancelled = True
