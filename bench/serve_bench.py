@@ -148,6 +148,8 @@ async def stream_once(
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             chunk = json.loads(line[6:])
+            if "error" in chunk:  # the stream started, then the request failed
+                raise httpx.HTTPError(f"error event: {chunk['error'].get('message')}")
             choices = chunk.get("choices") or []
             content = choices[0].get("delta", {}).get("content") if choices else None
             if not content:
@@ -187,7 +189,7 @@ async def run_clients(
                         http, server, prompt_for(index * 100 + r, prompt_words), output_tokens
                     )
                 except httpx.HTTPError as error:
-                    print(f"  request failed: {type(error).__name__}", flush=True)
+                    print(f"  request failed: {type(error).__name__}: {error}", flush=True)
                     timing = None
                 timings.append(timing)
             return timings

@@ -379,13 +379,8 @@ def _restart_with_openblas(argv: Sequence[str] | None) -> None:
 # MLX settings for its CUDA backend, read once at first use; a user's own values win.
 # cuDNN's attention builds a graph for every new prompt shape on the request path (0.1-1.4 s
 # each on an H100); without it, prompts take the composed path and new lengths cost nothing
-# extra. Larger command buffers mean fewer graph launches a step. Measured: bench/NOTES.md.
-CUDA_DEFAULTS = {
-    "MLX_CUDA_USE_CUDNN_SDPA": "0",
-    "MLX_MAX_OPS_PER_BUFFER": "100",
-    "MLX_MAX_MB_PER_BUFFER": "100",
-    "MLX_CUDA_GRAPH_CACHE_SIZE": "400",
-}
+# extra (bench/NOTES.md).
+CUDA_DEFAULTS = {"MLX_CUDA_USE_CUDNN_SDPA": "0"}
 
 
 def apply_cuda_defaults() -> None:
