@@ -59,3 +59,21 @@ def test_several_models_with_ids() -> None:
         ("small", "smollm2", False),
         ("/models/qwen", "/models/qwen", True),
     ]
+
+
+def test_cuda_defaults_apply_on_cuda_only_and_yield_to_the_user(monkeypatch: object) -> None:
+    import mlx.core as mx
+
+    from mlx_llm_server import cli
+
+    mp = monkeypatch  # pytest's MonkeyPatch
+    mp.delenv("MLX_CUDA_USE_CUDNN_SDPA", raising=False)  # type: ignore[attr-defined]
+    mp.setattr(mx.cuda, "is_available", lambda: False)  # type: ignore[attr-defined]
+    cli.apply_cuda_defaults()
+    assert "MLX_CUDA_USE_CUDNN_SDPA" not in os.environ
+    mp.setattr(mx.cuda, "is_available", lambda: True)  # type: ignore[attr-defined]
+    cli.apply_cuda_defaults()
+    assert os.environ["MLX_CUDA_USE_CUDNN_SDPA"] == "0"
+    mp.setenv("MLX_CUDA_USE_CUDNN_SDPA", "1")  # type: ignore[attr-defined]
+    cli.apply_cuda_defaults()
+    assert os.environ["MLX_CUDA_USE_CUDNN_SDPA"] == "1"

@@ -22,6 +22,10 @@ def models(tiny_qwen3_dir: Path) -> tuple[object, object]:
     assert compile_decode_blocks(fast) == len(fast.model.layers)
     assert all(isinstance(block, CompiledDecodeBlock) for block in fast.model.layers)
     assert compile_decode_blocks(fast) == 0  # already wrapped
+    # What the model reads of its blocks still reads through (e.g. llama's `use_sliding`).
+    block = fast.model.layers[0]
+    assert block.input_layernorm is block.block.input_layernorm
+    assert block.self_attn.n_heads == stock.model.layers[0].self_attn.n_heads
     return stock, fast
 
 
@@ -58,17 +62,21 @@ def decode_batched(model: object, prompts: list[list[int]], steps: int) -> list[
 
 def test_one_sequence_decodes_bit_for_bit(models: tuple[object, object]) -> None:
     stock, fast = models
-    for ours, theirs in zip(decode_alone(fast, PROMPTS[0], 12), decode_alone(stock, PROMPTS[0], 12)):
+    for ours, theirs in zip(
+        decode_alone(fast, PROMPTS[0], 12), decode_alone(stock, PROMPTS[0], 12), strict=True
+    ):
         assert mx.array_equal(ours, theirs)
 
 
 def test_a_padded_batch_decodes_bit_for_bit(models: tuple[object, object]) -> None:
     stock, fast = models
-    for ours, theirs in zip(decode_batched(fast, PROMPTS, 10), decode_batched(stock, PROMPTS, 10)):
+    for ours, theirs in zip(
+        decode_batched(fast, PROMPTS, 10), decode_batched(stock, PROMPTS, 10), strict=True
+    ):
         assert mx.array_equal(ours, theirs)
     # Another batch size: traced again, still exact.
     for ours, theirs in zip(
-        decode_batched(fast, PROMPTS[:2], 4), decode_batched(stock, PROMPTS[:2], 4)
+        decode_batched(fast, PROMPTS[:2], 4), decode_batched(stock, PROMPTS[:2], 4), strict=True
     ):
         assert mx.array_equal(ours, theirs)
 

@@ -98,3 +98,41 @@ def test_rows_joining_and_leaving_decode_as_if_alone(
     assert outputs[2] == references[2][:8]
     # Each change between a sequence's own cache and a batch cache was exercised.
     assert modes == [True, False, True, False, True]
+
+
+def test_warm_up_runs_every_sampling_feature_and_leaves_no_trace(tiny_qwen3_dir: Path) -> None:
+    """On a GPU each sampling feature's first use compiles a kernel: the warm-up pays for all."""
+    from mlx_llm_server.engine.sampling import SamplingBatch
+
+    seen: list[SamplingParams] = []
+    original = SamplingBatch.sample
+
+    def recording(self: SamplingBatch, logits: mx.array) -> object:
+        seen.extend(self.params)
+        return original(self, logits)
+
+    async def run() -> Engine:
+        engine = Engine(EngineConfig(max_running=8, prefill_chunk=64))
+
+        def setup() -> EngineModel:
+            loaded = load(str(tiny_qwen3_dir))
+            return EngineModel(loaded.model, loaded.vocab_size)
+
+        await asyncio.wrap_future(engine.start(setup))
+        engine.stop()
+        return engine
+
+    SamplingBatch.sample = recording  # type: ignore[method-assign]
+    try:
+        engine = asyncio.run(run())
+    finally:
+        SamplingBatch.sample = original  # type: ignore[method-assign]
+    assert any(p.greedy for p in seen)
+    assert any(p.top_p < 1 and p.top_k > 0 and p.min_p > 0 for p in seen)
+    assert any(p.logit_bias for p in seen)
+    assert any(p.logprobs and p.top_logprobs for p in seen)
+    assert any(p.seed is not None for p in seen)
+    assert any(p.uses_penalties for p in seen)
+    stats = engine.stats()
+    assert stats.running == stats.waiting == stats.prefix_cache_entries == 0
+    assert stats.decode_steps == stats.prompt_tokens_computed == 0
