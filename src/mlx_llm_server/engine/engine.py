@@ -84,6 +84,9 @@ WARM_UP_SAMPLING = (
 )
 
 
+CACHE_CLEAR_STEPS = 256
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     max_running: int = 64
@@ -276,13 +279,21 @@ class Engine:
     def _step(self, block: bool) -> None:
         self._take_inbox(block=block)
         self._drop_cancelled()
+        computed = self.prompt_tokens_computed
         self._prefill()
-        if len(self._batch):
+        prefilled = self.prompt_tokens_computed != computed
+        decoded = len(self._batch) > 0
+        if decoded:
             self._decode()
         self._flush()
         self.steps += 1
-        if not self._has_work():
+        # MLX keeps freed buffers for reuse; under steady load it never sees an idle moment, so
+        # it lets go of them after prompt work (large, odd-sized temporaries) and every
+        # CACHE_CLEAR_STEPS decode steps, as mlx-lm's own generation loops do.
+        periodic = decoded and self.decode_steps % CACHE_CLEAR_STEPS == 0
+        if not self._has_work() or prefilled or periodic:
             mx.clear_cache()
+        if not self._has_work():
             if not self._heap_released:
                 release_free_heap()
                 self._heap_released = True
