@@ -15,6 +15,7 @@ import pytest
 
 from mlx_llm_server.engine.engine import Engine, EngineConfig, EngineModel
 from mlx_llm_server.engine.types import GenerationRequest, SamplingParams, TokenEvent
+from mlx_llm_server.kernels.compiled_decode import compile_decode_blocks
 from mlx_llm_server.models.loader import load
 
 PROMPTS = [list(range(300, 340)), list(range(1000, 1013)), list(range(5000, 5071))]
@@ -54,8 +55,9 @@ async def until(condition: object) -> None:
     raise AssertionError("not reached")
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["model-blocks", "compiled-blocks"])
 def test_rows_joining_and_leaving_decode_as_if_alone(
-    tiny_qwen3_dir: Path, references: list[list[int]]
+    tiny_qwen3_dir: Path, references: list[list[int]], compiled: bool
 ) -> None:
     """0 starts alone; 1 joins; 0 leaves, so 1 (the second row) goes on alone; 2 joins and
     leaves; 1 ends alone."""
@@ -65,6 +67,8 @@ def test_rows_joining_and_leaving_decode_as_if_alone(
 
         def setup() -> EngineModel:
             loaded = load(str(tiny_qwen3_dir))
+            if compiled:
+                assert compile_decode_blocks(loaded.model) > 0
             return EngineModel(loaded.model, loaded.vocab_size)
 
         await asyncio.wrap_future(engine.start(setup))

@@ -333,18 +333,13 @@ def model_starter(
             loaded[0].context_length,
             engine.warm_up_seconds,
         )
-        served = ServedModel(
+        return ServedModel(
             spec.model_id,
             loaded[0],
             engine,
             default_max_tokens=args.max_tokens,
             default_template_kwargs=dict(template_kwargs),
         )
-        try:
-            served.warm_up_text()
-        except Exception:  # a template that needs more than one user message is still served
-            logger.warning("%s: the chat template warm-up failed", spec.model_id, exc_info=True)
-        return served
 
     return start
 

@@ -113,20 +113,6 @@ class ServedModel:
             raise InvalidRequestError(f"The chat template rejected the messages: {error}") from None
         return list(self.tokenizer.encode(text, add_special_tokens=False)), text
 
-    def warm_up_text(self) -> None:
-        """Renders, tokenizes and detokenizes one short chat. The first use of the chat template
-        compiles it and the first detokenizer builds the vocabulary tables (together ~0.1 s),
-        which would otherwise land on the first user's request."""
-        request = wire.parse_model(
-            wire.ChatCompletionRequest,
-            {"model": self.model_id, "messages": [{"role": "user", "content": "Hello!"}]},
-        )
-        prompt, _ = self.render_chat(request, dict(self.default_template_kwargs), None)
-        assembler = ChoiceAssembler(self.tokenizer, ChoiceOptions(reasoning=self.reasoning))
-        for token in prompt[-4:]:
-            assembler.add(TokenEvent(token, None, None))
-        assembler.finish(None)
-
     def encode_prompt(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
             return list(self.tokenizer.encode(prompt))
