@@ -72,6 +72,42 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[index]
 
 
+ENGINE_COUNTERS = (
+    "mlx_llm_engine_prefill_seconds_total",
+    "mlx_llm_engine_decode_seconds_total",
+    "mlx_llm_decode_steps_total",
+    "mlx_llm_decode_rows_total",
+    "mlx_llm_prompt_tokens_computed_total",
+)
+
+
+def engine_counters(server: Server) -> dict[str, float]:
+    """This server's engine counters from /metrics (empty for a server without them)."""
+    try:
+        text = httpx.get(f"{server.url}/metrics", timeout=30).text
+    except httpx.HTTPError:
+        return {}
+    found: dict[str, float] = {}
+    for line in text.splitlines():
+        name, _, rest = line.partition("{")
+        if name in ENGINE_COUNTERS:
+            found[name] = float(rest.rsplit(" ", 1)[1])
+    return found
+
+
+def engine_split(before: dict[str, float], after: dict[str, float], wall: float) -> str:
+    """Where the engine thread's time went during a round: prompt work, decode steps, the rest."""
+    if not before or not after:
+        return ""
+    d = {name: after.get(name, 0.0) - before.get(name, 0.0) for name in ENGINE_COUNTERS}
+    prefill, decode, steps, rows, prompt = (d[name] for name in ENGINE_COUNTERS)
+    return (
+        f"prefill {prefill:5.2f}s ({prompt:6.0f} tok, {prompt / max(prefill, 1e-9):7.0f} tok/s) | "
+        f"decode {decode:5.2f}s in {steps:4.0f} steps ({1000 * decode / max(steps, 1):5.1f} ms, "
+        f"{rows / max(steps, 1):4.1f} rows) | other {wall - prefill - decode:5.2f}s"
+    )
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -402,6 +438,7 @@ def main() -> int:
     turns: dict[str, list[float]] = {}
     startup: dict[str, float] = {}
     cold: dict[str, list[float]] = {}
+    splits: dict[str, dict[int, str]] = {}
     for name in names:
         port = free_port()
         command = [*commands[name], "--port", str(port)]
@@ -426,6 +463,7 @@ def main() -> int:
                     )
             results[name] = {}
             for n in client_counts:
+                counters = engine_counters(server)
                 results[name][n] = run_round(
                     server,
                     n,
@@ -435,6 +473,9 @@ def main() -> int:
                     args.client_processes,
                 )
                 r = results[name][n]
+                splits.setdefault(name, {})[n] = engine_split(
+                    counters, engine_counters(server), r.wall
+                )
                 print(
                     f"  {name:7} N={n:<3} {r.throughput:9.1f} tok/s  TTFT p50 {r.ttft(50):.3f}s",
                     flush=True,
@@ -466,6 +507,12 @@ def main() -> int:
                 f"{name:8} {n:>3} {r.throughput:9.1f} {r.ttft(50):9.3f} {r.ttft(99):9.3f} "
                 f"{r.itl(50) * 1000:7.1f}ms {r.itl(99) * 1000:7.1f}ms {r.errors:>6}"
             )
+    for name, per_n in splits.items():
+        if any(per_n.values()):
+            print()
+            print(f"{name}: engine time per round (from /metrics)")
+            for n, split in per_n.items():
+                print(f"  N={n:<3} {split}")
     if {"ours", "mlx_lm"} <= set(names):
         print()
         print(f"{'N':>3} {'ours/mlx_lm tok/s':>18} {'TTFT p99 ratio':>15}")

@@ -13,6 +13,7 @@ from pathlib import Path
 import mlx.core as mx
 import pytest
 
+from mlx_llm_server.engine.batch import DecodeBatch, Sequence
 from mlx_llm_server.engine.engine import Engine, EngineConfig, EngineModel
 from mlx_llm_server.engine.types import GenerationRequest, SamplingParams, TokenEvent
 from mlx_llm_server.kernels.compiled_decode import compile_decode_blocks
@@ -140,3 +141,81 @@ def test_warm_up_runs_every_sampling_feature_and_leaves_no_trace(tiny_qwen3_dir:
     stats = engine.stats()
     assert stats.running == stats.waiting == stats.prefix_cache_entries == 0
     assert stats.decode_steps == stats.prompt_tokens_computed == 0
+    assert stats.prefill_seconds == stats.decode_seconds == 0
+
+
+def engine_on(model_dir: Path, **config: int) -> Engine:
+    """An engine driven step by step in this thread (no engine thread, no warm-up)."""
+    engine = Engine(EngineConfig(**config))
+    loaded = load(str(model_dir))
+    engine.model = loaded.model
+    engine.vocab_size = loaded.vocab_size
+    engine._batch = DecodeBatch(loaded.model, loaded.vocab_size, None)
+    return engine
+
+
+def arrive_together(engine: Engine, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
+    """Queues the prompts at once, steps the engine until all finish; their generated tokens."""
+    sequences = [
+        Sequence(GenerationRequest(f"s{i}", p, max_tokens, SamplingParams(temperature=0.0)), None)
+        for i, p in enumerate(prompts)
+    ]
+    engine._waiting.extend(sequences)
+    engine._queued += len(sequences)
+    for _ in range(1000):
+        if not engine._has_work():
+            break
+        engine._step(block=False)
+    assert not engine._has_work()
+    return [s.tokens[s.prompt_len :] for s in sequences]
+
+
+def test_next_turns_reuse_their_prefix_and_prefill_together(tiny_qwen3_dir: Path) -> None:
+    """Two conversations' next turns (cached prefixes, one with a single new token) and a new
+    prompt arrive together: one batched forward pass prefills them, each as if alone."""
+    engine = engine_on(tiny_qwen3_dir, max_running=8, prefill_chunk=64)
+    first_turns = arrive_together(engine, [PROMPTS[0], PROMPTS[1]], 5)
+    next_turns = [
+        PROMPTS[0] + first_turns[0] + [7, 8, 9, 10, 11],
+        PROMPTS[1] + first_turns[1] + [12],
+        list(range(7000, 7030)),
+    ]
+    groups: list[list[int]] = []
+    prefill_group = engine._prefill_group
+
+    def spy(group: list[Sequence]) -> object:
+        groups.append([s.cached_tokens for s in group])
+        return prefill_group(group)
+
+    engine._prefill_group = spy  # type: ignore[method-assign]
+    outputs = arrive_together(engine, next_turns, 12)
+    assert engine.prefix_cache.hits == 2
+    assert len(groups) == 1 and len(groups[0]) == 3
+    assert groups[0][0] > len(PROMPTS[0]) and groups[0][1] > len(PROMPTS[1]) and groups[0][2] == 0
+    for prompt, output in zip(next_turns, outputs, strict=True):
+        assert output == reference_tokens(tiny_qwen3_dir, prompt, 12)
+
+
+def test_prompts_beyond_one_step_are_prefilled_in_groups(tiny_qwen3_dir: Path) -> None:
+    """Eight users at once with a step budget for three prompts: three batched passes over three
+    steps, none prompt by prompt, and every sequence exact."""
+    engine = engine_on(tiny_qwen3_dir, max_running=8, prefill_chunk=64)
+    prompts = [list(range(400 + 50 * i, 420 + 50 * i)) for i in range(8)]
+    sizes: list[int] = []
+    alone: list[str] = []
+    prefill_group, prefill_chunk = engine._prefill_group, engine._prefill_chunk
+
+    def group_spy(group: list[Sequence]) -> object:
+        sizes.append(len(group))
+        return prefill_group(group)
+
+    def chunk_spy(sequence: Sequence, budget: int) -> object:
+        alone.append(sequence.request_id)
+        return prefill_chunk(sequence, budget)
+
+    engine._prefill_group = group_spy  # type: ignore[method-assign]
+    engine._prefill_chunk = chunk_spy  # type: ignore[method-assign]
+    outputs = arrive_together(engine, prompts, 6)
+    assert sizes == [3, 3, 2] and alone == []
+    for prompt, output in zip(prompts, outputs, strict=True):
+        assert output == reference_tokens(tiny_qwen3_dir, prompt, 6)

@@ -100,6 +100,9 @@ def test_requests_latencies_and_tokens_are_counted(observed: ServerProcess) -> N
     prompt = plain["usage"]["prompt_tokens"] + usage["prompt_tokens"]
     assert delta("mlx_llm_prompt_tokens_total", **model) == prompt
     assert delta("mlx_llm_completion_tokens_total", **model) == 6 + 5
+    # Where the engine's time went: prompt work and decode steps both took some.
+    assert delta("mlx_llm_engine_prefill_seconds_total", **model) > 0
+    assert delta("mlx_llm_engine_decode_seconds_total", **model) > 0
 
 
 def test_engine_state_and_memory_are_exposed(observed: ServerProcess) -> None:

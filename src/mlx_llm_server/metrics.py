@@ -50,6 +50,14 @@ class _EngineCollector(Collector):
                 "mlx_llm_prompt_tokens_computed",
                 "Prompt tokens run through the model (prefix cache hits excluded)",
             ),
+            "prefill_seconds": (
+                "mlx_llm_engine_prefill_seconds",
+                "Engine time in prompt work, waiting on the device included",
+            ),
+            "decode_seconds": (
+                "mlx_llm_engine_decode_seconds",
+                "Engine time in decode steps, waiting on the device included",
+            ),
         }
         stats = self._source()
         for field, (name, help_text) in gauges.items():

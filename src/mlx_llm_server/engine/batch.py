@@ -39,6 +39,7 @@ class Sequence:
     # While prefilling: this sequence's own cache, how far it got, and its sampling state.
     prompt_cache: list[Any] | None = None
     prefilled: int = 0
+    prefill_alone: bool = False  # set when a batched prefill failed: it goes a chunk at a time
     cancelled: bool = False
 
     @property

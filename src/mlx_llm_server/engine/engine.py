@@ -24,7 +24,7 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.models.cache import KVCache, make_prompt_cache
 
 from ..errors import EngineError, ServerOverloadedError, ServiceUnavailableError
 from .batch import DecodeBatch, GrammarMasker, ReadToken, Sequence, merge_caches
@@ -185,6 +185,8 @@ class Engine:
         self.decode_rows = 0
         self.max_decode_rows = 0
         self.prompt_tokens_computed = 0
+        self.prefill_seconds = 0.0
+        self.decode_seconds = 0.0
 
     # Event-loop side ---------------------------------------------------------------------
 
@@ -242,6 +244,8 @@ class Engine:
             decode_rows=self.decode_rows,
             max_decode_rows=self.max_decode_rows,
             prompt_tokens_computed=self.prompt_tokens_computed,
+            prefill_seconds=self.prefill_seconds,
+            decode_seconds=self.decode_seconds,
         )
 
     # Engine thread -----------------------------------------------------------------------
@@ -280,11 +284,18 @@ class Engine:
         self._take_inbox(block=block)
         self._drop_cancelled()
         computed = self.prompt_tokens_computed
+        started = time.perf_counter()
         self._prefill()
         prefilled = self.prompt_tokens_computed != computed
         decoded = len(self._batch) > 0
         if decoded:
+            after_prefill = time.perf_counter()
             self._decode()
+            self.decode_seconds += time.perf_counter() - after_prefill
+            if prefilled:
+                self.prefill_seconds += after_prefill - started
+        elif prefilled:
+            self.prefill_seconds += time.perf_counter() - started
         self._flush()
         self.steps += 1
         # MLX keeps freed buffers for reuse; under steady load it never sees an idle moment, so
@@ -359,6 +370,7 @@ class Engine:
         self.prefix_cache.hits = self.prefix_cache.misses = 0
         self.decode_steps = self.decode_rows = self.max_decode_rows = 0
         self.prompt_tokens_computed = 0
+        self.prefill_seconds = self.decode_seconds = 0.0
 
     def _has_work(self) -> bool:
         return bool(self._waiting or self._prefilling or (self._batch and len(self._batch)))
@@ -404,10 +416,12 @@ class Engine:
             self._queued -= count
 
     def _prefill(self) -> None:
-        """Spends up to one chunk of prompt tokens; sequences whose prompt is done join."""
+        """Spends up to one chunk of prompt tokens; sequences whose prompt is done join.
+
+        Prompts that fit go through the model together (`_prefill_together`); a long prompt,
+        or one whose cache can't be merged into a batch, goes alone, a chunk at a time.
+        """
         budget = self.config.prefill_chunk
-        if not self._prefilling:
-            budget -= self._prefill_together(budget)
         ready: list[tuple[Sequence, list[Any], SampleOutput, SamplingBatch]] = []
         while budget > 0:
             if not self._prefilling:
@@ -417,6 +431,11 @@ class Engine:
                 if not self._start_prefill(self._waiting.popleft()):
                     continue
             sequence = self._prefilling[0]
+            if self._groupable(sequence):
+                if sequence.prompt_len - sequence.prefilled > budget:
+                    break  # it fits a whole step: it leads the next step's group
+                budget -= self._prefill_together(budget, len(ready))
+                continue
             try:
                 done = self._prefill_chunk(sequence, budget)
             except Exception as error:  # e.g. out of memory: fail this request only
@@ -434,6 +453,20 @@ class Engine:
             columns = list(zip(*ready, strict=True))
             self._join(list(columns[0]), lambda: self._batch.add(*columns))  # type: ignore[arg-type]
 
+    def _groupable(self, sequence: Sequence) -> bool:
+        """Whether a started prompt can be prefilled in a group: it is not part-way through a
+        chunked prefill, its remaining tokens fit one step, and its cache merges into a batch
+        cache (any empty cache does; a cached prefix only as plain attention KV)."""
+        cache = sequence.prompt_cache
+        return (
+            not sequence.prefill_alone
+            and sequence.prefilled == sequence.cached_tokens
+            and sequence.prompt_len >= 2
+            and sequence.prompt_len - sequence.prefilled <= self.config.prefill_chunk
+            and cache is not None
+            and (sequence.cached_tokens == 0 or all(type(layer) is KVCache for layer in cache))
+        )
+
     def _join(self, sequences: list[Sequence], join: Callable[[], None]) -> None:
         """Runs `join` (sequences joining the batch); on failure every row fails, not the engine."""
         try:
@@ -448,41 +481,40 @@ class Engine:
         for sequence in sequences:
             sequence.prompt_cache = None
 
-    def _prefill_together(self, budget: int) -> int:
-        """Prefills waiting prompts that fit in `budget` together, in one batched forward pass.
+    def _prefill_together(self, budget: int, joining: int) -> int:
+        """Prefills the started prompt and the waiting prompts after it that fit in `budget`
+        together, in one batched forward pass; returns the tokens spent.
 
-        Many users arriving at once is the common case for short prompts; one forward pass
-        for all of them (right-padded, as mlx-lm's batch prefill does) costs about what one
-        prompt alone does. A prompt with a cached prefix, or longer than what is left of the
-        budget, stops the group and goes the one-by-one way. Returns the tokens spent.
+        Many users arriving at once is the common case; one forward pass for all of them
+        (right-padded, as mlx-lm's batch prefill does) costs about what one prompt alone does on
+        a GPU. A prompt that reuses a cached prefix joins with its cache and only its new tokens
+        (a chat's next turn: one forward pass per user would dominate). The first prompt that
+        does not fit, or can't be grouped, is left started for `_prefill`. `joining` sequences
+        already wait to join the batch this step.
         """
-        group: list[Sequence] = []
-        used = 0
-        room = self.config.max_running - len(self._batch)
+        group = [self._prefilling.pop(0)]
+        used = group[0].prompt_len - group[0].prefilled
+        room = self.config.max_running - len(self._batch) - joining
         while self._waiting and len(group) < room:
-            prompt = self._waiting[0].request.prompt_tokens
-            if len(prompt) < 2 or used + len(prompt) > budget:
-                break
             sequence = self._waiting.popleft()
             if not self._start_prefill(sequence):
                 continue
-            if sequence.cached_tokens:
-                break  # it reuses a cached prefix: prefilled on its own, below
+            new_tokens = sequence.prompt_len - sequence.prefilled
+            if not self._groupable(sequence) or used + new_tokens > budget:
+                break  # stays started: prefilled alone, or first of the next group
             self._prefilling.remove(sequence)
             group.append(sequence)
-            used += len(prompt)
-        if not group:
-            return 0
+            used += new_tokens
         try:
             prefilled = self._prefill_group(group)
         except Exception:
-            # One prompt may be the cause (out of memory on a long one): prefilled one by one
-            # (in `_prefill`), only that request fails, and the running batch is untouched.
+            # One prompt may be the cause (out of memory on a long one): prefilled one by one,
+            # a chunk at a time, so only that request fails and the running batch is untouched.
             logger.exception("batched prefill failed; prefilling these prompts one by one")
-            for sequence in group:
-                sequence.prompt_cache = make_prompt_cache(self.model)
-                sequence.prefilled = 0
-                sequence.tokens = []
+            for sequence in group:  # their own caches are untouched: the merge copied them
+                sequence.prefilled = sequence.cached_tokens
+                sequence.tokens = list(sequence.request.prompt_tokens[: sequence.cached_tokens])
+                sequence.prefill_alone = True
             self._prefilling.extend(group)
             mx.clear_cache()
             return 0
@@ -492,17 +524,20 @@ class Engine:
     def _prefill_group(
         self, group: list[Sequence]
     ) -> tuple[list[Any], SampleOutput, SamplingBatch]:
-        bodies = [s.request.prompt_tokens[:-1] for s in group]
+        # What each prompt still needs before its last token: all of it, or what follows the
+        # cached prefix. Rows are left-aligned on their caches by the merge, right-padded here.
+        bodies = [s.request.prompt_tokens[s.prefilled : -1] for s in group]
         lengths = [len(b) for b in bodies]
         longest = max(lengths)
         cache = merge_caches([s.prompt_cache for s in group])  # type: ignore[misc]
-        for layer in cache:
-            layer.prepare(lengths=lengths, right_padding=[longest - n for n in lengths])
-        padded = mx.array([b + [0] * (longest - len(b)) for b in bodies])
-        self.model(padded, cache=cache)
-        mx.eval([layer.state for layer in cache])
-        for layer in cache:
-            layer.finalize()  # right padding becomes left padding, as decoding expects
+        if longest > 0:
+            for layer in cache:
+                layer.prepare(lengths=lengths, right_padding=[longest - n for n in lengths])
+            padded = mx.array([b + [0] * (longest - len(b)) for b in bodies])
+            self.model(padded, cache=cache)
+            mx.eval([layer.state for layer in cache])
+            for layer in cache:
+                layer.finalize()  # right padding becomes left padding, as decoding expects
         last = mx.array([s.request.prompt_tokens[-1:] for s in group])
         logits = self.model(last, cache=cache)[:, -1, :]
         sampling = SamplingBatch.concat(

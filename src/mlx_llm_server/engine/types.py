@@ -88,3 +88,6 @@ class EngineStats:
     decode_rows: int = 0  # sum of batch sizes over decode steps
     max_decode_rows: int = 0
     prompt_tokens_computed: int = 0  # prompt tokens run through the model (cache hits excluded)
+    # Engine-thread seconds in prompt work and in decode steps (each waits on the device too).
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
