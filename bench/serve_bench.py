@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -25,6 +26,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -106,6 +108,65 @@ def engine_split(before: dict[str, float], after: dict[str, float], wall: float)
         f"decode {decode:5.2f}s in {steps:4.0f} steps ({1000 * decode / max(steps, 1):5.1f} ms, "
         f"{rows / max(steps, 1):4.1f} rows) | other {wall - prefill - decode:5.2f}s"
     )
+
+
+MEMORY_GAUGES = {
+    "mlx_llm_mlx_active_memory_bytes": "active",
+    "mlx_llm_mlx_cache_memory_bytes": "cache",
+    "mlx_llm_kv_cache_bytes": "kv",
+    "mlx_llm_prefix_cache_bytes": "prefix",
+    "mlx_llm_running_sequences": "rows",
+}
+
+
+class MemoryTrace:
+    """Samples this server's memory gauges (and the GPU's used memory, where nvidia-smi is)
+    twice a second while a round runs; `summary` gives the peaks and a short timeline."""
+
+    def __init__(self, server: Server) -> None:
+        self._server = server
+        self._stop = threading.Event()
+        self.samples: list[dict[str, float]] = []
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._started = time.perf_counter()
+        self._thread.start()
+
+    def _sample(self) -> dict[str, float]:
+        sample = {"t": time.perf_counter() - self._started}
+        try:
+            text = httpx.get(f"{self._server.url}/metrics", timeout=5).text
+        except httpx.HTTPError:
+            return sample
+        for line in text.splitlines():
+            name = line.partition("{")[0].partition(" ")[0]
+            if name in MEMORY_GAUGES:
+                sample[MEMORY_GAUGES[name]] = float(line.rsplit(" ", 1)[1])
+        if shutil.which("nvidia-smi"):
+            query = ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"]
+            out = subprocess.run(query, capture_output=True, text=True, timeout=10).stdout
+            with contextlib.suppress(ValueError, IndexError):
+                sample["gpu"] = float(out.split()[0]) * 2**20  # MiB
+        return sample
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.5):
+            self.samples.append(self._sample())
+
+    def summary(self) -> str:
+        self._stop.set()
+        self._thread.join()
+        if not self.samples:
+            return ""
+        keys = [k for k in ("active", "cache", "kv", "prefix", "gpu") if k in self.samples[0]]
+        gb = 2**30
+        peaks = ", ".join(f"{k} {max(s.get(k, 0) for s in self.samples) / gb:.1f}" for k in keys)
+        step = max(1, len(self.samples) // 8)
+        timeline = " | ".join(
+            f"{s['t']:.0f}s rows {s.get('rows', 0):.0f} "
+            + " ".join(f"{k} {s.get(k, 0) / gb:.1f}" for k in keys)
+            for s in self.samples[::step]
+        )
+        return f"peak GB: {peaks}\n      {timeline}"
 
 
 def free_port() -> int:
@@ -388,6 +449,9 @@ def main() -> int:
     )
     parser.add_argument("--ours-arg", action="append", default=[], help="extra server option")
     parser.add_argument("--warmup", action="store_true", help="one untimed round of every N first")
+    parser.add_argument(
+        "--trace-memory", action="store_true", help="sample this server's memory during rounds"
+    )
     parser.add_argument("--openblas", action="store_true", help="preload Debian's OpenBLAS (CPU)")
     parser.add_argument("--json-out", type=Path)
     parser.add_argument("--log-dir", type=Path, default=Path(tempfile.gettempdir()) / "serve-bench")
@@ -464,6 +528,7 @@ def main() -> int:
             results[name] = {}
             for n in client_counts:
                 counters = engine_counters(server)
+                trace = MemoryTrace(server) if args.trace_memory and counters else None
                 results[name][n] = run_round(
                     server,
                     n,
@@ -476,6 +541,8 @@ def main() -> int:
                 splits.setdefault(name, {})[n] = engine_split(
                     counters, engine_counters(server), r.wall
                 )
+                if trace is not None:
+                    print(f"  {name:7} N={n:<3} memory {trace.summary()}", flush=True)
                 print(
                     f"  {name:7} N={n:<3} {r.throughput:9.1f} tok/s  TTFT p50 {r.ttft(50):.3f}s",
                     flush=True,

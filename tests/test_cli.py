@@ -77,3 +77,19 @@ def test_cuda_defaults_apply_on_cuda_only_and_yield_to_the_user(monkeypatch: obj
     mp.setenv("MLX_CUDA_USE_CUDNN_SDPA", "1")  # type: ignore[attr-defined]
     cli.apply_cuda_defaults()
     assert os.environ["MLX_CUDA_USE_CUDNN_SDPA"] == "1"
+
+
+def test_buffer_cache_is_capped_never_raised() -> None:
+    import mlx.core as mx
+
+    from mlx_llm_server import cli
+
+    own = mx.set_cache_limit(1 << 40)  # MLX's limit as it stood, and room to cap
+    try:
+        assert cli.limit_buffer_cache(cli.DEFAULT_BUFFER_CACHE_GB) == 4 * 2**30
+        assert mx.set_cache_limit(1 << 20) == 4 * 2**30
+        # Below the cap already (MLX's CPU default is tens of MB): left as it is.
+        assert cli.limit_buffer_cache(4.0) == 1 << 20
+        assert mx.set_cache_limit(own) == 1 << 20
+    finally:
+        mx.set_cache_limit(own)

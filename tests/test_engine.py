@@ -13,7 +13,7 @@ from pathlib import Path
 import mlx.core as mx
 import pytest
 
-from mlx_llm_server.engine.batch import DecodeBatch, Sequence
+from mlx_llm_server.engine.batch import DecodeBatch, Sequence, evaluate
 from mlx_llm_server.engine.engine import Engine, EngineConfig, EngineModel
 from mlx_llm_server.engine.types import GenerationRequest, SamplingParams, TokenEvent
 from mlx_llm_server.kernels.compiled_decode import compile_decode_blocks
@@ -219,3 +219,43 @@ def test_prompts_beyond_one_step_are_prefilled_in_groups(tiny_qwen3_dir: Path) -
     assert sizes == [3, 3, 2] and alone == []
     for prompt, output in zip(prompts, outputs, strict=True):
         assert output == reference_tokens(tiny_qwen3_dir, prompt, 6)
+
+
+def test_out_of_device_memory_in_a_step_is_retried_without_the_buffer_cache(
+    tiny_qwen3_dir: Path, references: list[list[int]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An allocation that fails while a step evaluates (MLX's cache holding the memory in
+    buffers of other sizes) costs a cache release and a second try, not the requests."""
+    engine = engine_on(tiny_qwen3_dir, max_running=4, prefill_chunk=64)
+    real_async_eval, real_clear = mx.async_eval, mx.clear_cache
+    calls = {"evals": 0}
+    cleared_at: list[int] = []  # the number of evaluations so far, at each cache release
+
+    def failing_once(*arrays: object) -> None:
+        calls["evals"] += 1
+        if calls["evals"] == 5:  # a decode step, rows running
+            raise RuntimeError("cudaMallocAsync(&data, size, stream) failed: out of memory")
+        real_async_eval(*arrays)
+
+    def clear() -> None:
+        cleared_at.append(calls["evals"])
+        real_clear()
+
+    monkeypatch.setattr(mx, "async_eval", failing_once)
+    monkeypatch.setattr(mx, "clear_cache", clear)
+    outputs = arrive_together(engine, PROMPTS[:2], 12)
+    assert calls["evals"] > 5 and 5 in cleared_at  # released right after the failure
+    assert outputs == [references[0][:12], references[1][:12]]
+
+
+def test_other_evaluation_errors_are_not_retried(monkeypatch: pytest.MonkeyPatch) -> None:
+    tries = []
+
+    def broken(*arrays: object) -> None:
+        tries.append(arrays)
+        raise RuntimeError("[matmul] shapes do not match")
+
+    monkeypatch.setattr(mx, "eval", broken)
+    with pytest.raises(RuntimeError, match="shapes"):
+        evaluate(mx.array([1]))
+    assert len(tries) == 1

@@ -14,6 +14,7 @@ when one row is left.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +26,31 @@ from .sampling import SampleOutput, SamplingBatch
 from .types import GenerationRequest
 
 GrammarMasker = Callable[[mx.array, list[Any]], mx.array]
+
+logger = logging.getLogger(__name__)
+
+
+def evaluate(*arrays: Any, wait: bool = True) -> None:
+    """`mx.eval` (or `mx.async_eval`), tried once more when the device is out of memory.
+
+    MLX keeps freed buffers for reuse and lets that cache grow to nearly the whole device; an
+    allocation of a size it does not hold can then fail although most of the memory is idle in
+    the cache. Handing the cache back and evaluating again (what was already computed is kept)
+    turns that failure into a pause.
+    """
+    run = mx.eval if wait else mx.async_eval
+    try:
+        run(*arrays)
+    except RuntimeError as error:
+        if "out of memory" not in str(error).lower():
+            raise
+        logger.warning(
+            "out of device memory (MLX active %.2f GB, cache %.2f GB); retrying without the cache",
+            mx.get_active_memory() / 2**30,
+            mx.get_cache_memory() / 2**30,
+        )
+        mx.clear_cache()
+        run(*arrays)
 
 
 @dataclass
@@ -172,7 +198,7 @@ class DecodeBatch:
         if constrained and self.grammar_masker is not None:
             logits = self.grammar_masker(logits, matchers)
         self.pending = self.sampling.sample(logits)
-        mx.async_eval(self.pending.arrays())
+        evaluate(self.pending.arrays(), wait=False)
         return read if constrained else self._read(current)
 
     def _read(self, output: SampleOutput) -> list[ReadToken]:

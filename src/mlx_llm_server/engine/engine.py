@@ -27,7 +27,7 @@ import mlx.nn as nn
 from mlx_lm.models.cache import KVCache, make_prompt_cache
 
 from ..errors import EngineError, ServerOverloadedError, ServiceUnavailableError
-from .batch import DecodeBatch, GrammarMasker, ReadToken, Sequence, merge_caches
+from .batch import DecodeBatch, GrammarMasker, ReadToken, Sequence, evaluate, merge_caches
 from .prefix_cache import PrefixCache
 from .sampling import SampleOutput, SamplingBatch
 from .types import (
@@ -535,7 +535,7 @@ class Engine:
                 layer.prepare(lengths=lengths, right_padding=[longest - n for n in lengths])
             padded = mx.array([b + [0] * (longest - len(b)) for b in bodies])
             self.model(padded, cache=cache)
-            mx.eval([layer.state for layer in cache])
+            evaluate([layer.state for layer in cache])
             for layer in cache:
                 layer.finalize()  # right padding becomes left padding, as decoding expects
         last = mx.array([s.request.prompt_tokens[-1:] for s in group])
@@ -552,7 +552,7 @@ class Engine:
         if any(g is not None for g in grammars) and self._batch.grammar_masker is not None:
             logits = self._batch.grammar_masker(logits, grammars)
         first = sampling.sample(logits)
-        mx.async_eval([layer.state for layer in cache], first.arrays())
+        evaluate([layer.state for layer in cache], first.arrays(), wait=False)
         for sequence in group:
             sequence.tokens = list(sequence.request.prompt_tokens)
             sequence.prefilled = len(sequence.tokens)
@@ -591,7 +591,7 @@ class Engine:
         if sequence.prefilled < body_end:
             chunk = prompt[sequence.prefilled : min(sequence.prefilled + budget, body_end)]
             self.model(mx.array(chunk)[None], cache=cache)
-            mx.eval([layer.state for layer in cache])
+            evaluate([layer.state for layer in cache])
             self.prompt_tokens_computed += len(chunk)
             sequence.prefilled += len(chunk)
             sequence.tokens.extend(chunk)
@@ -606,7 +606,7 @@ class Engine:
         if grammar is not None and self._batch.grammar_masker is not None:
             last = self._batch.grammar_masker(last, [grammar])
         first = sampling.sample(last)
-        mx.async_eval([layer.state for layer in cache], first.arrays())
+        evaluate([layer.state for layer in cache], first.arrays(), wait=False)
         return 1, (cache, first, sampling)
 
     def _decode(self) -> None:
@@ -637,7 +637,7 @@ class Engine:
                         kept = self._batch.extract_cache(row)
                         # Evaluated now: a lazy slice holds the whole batch's KV buffer alive,
                         # many times the bytes the prefix cache counts against its budget.
-                        mx.eval([layer.state for layer in kept])
+                        evaluate([layer.state for layer in kept])
                         self.prefix_cache.store(sequence.tokens, kept)
                     except Exception:  # a cache that can't be kept costs reuse, not the request
                         logger.exception("storing the prefix of %s failed", sequence.request_id)
