@@ -313,6 +313,7 @@ def run_round(
     prompt_words: int,
     output_tokens: int,
     processes: int = 1,
+    first_client: int = 0,
 ) -> RoundResult:
     """N clients, spread over `processes` client processes so that parsing the streams never
     limits what is measured (one Python process parses ~10k events/s at most)."""
@@ -323,7 +324,7 @@ def run_round(
             run_clients(
                 server.url,
                 server.model_id,
-                list(range(clients)),
+                list(range(first_client, first_client + clients)),
                 rounds,
                 prompt_words,
                 output_tokens,
@@ -338,7 +339,7 @@ def run_round(
             (
                 server.url,
                 server.model_id,
-                list(range(p, clients, processes)),
+                list(range(first_client + p, first_client + clients, processes)),
                 rounds,
                 prompt_words,
                 output_tokens,
@@ -514,8 +515,11 @@ def main() -> int:
             # connection machinery) is paid beforehand, on a request that generates nothing.
             asyncio.run(warm_client(server))
             cold[name] = []
-            for _ in range(3):
-                first = run_round(server, 1, 1, args.prompt_words, args.output_tokens).timings
+            for i in range(3):
+                # Prompts of their own: each of the three is prefilled in full, like the first.
+                first = run_round(
+                    server, 1, 1, args.prompt_words, args.output_tokens, first_client=10_000 + i
+                ).timings
                 cold[name].append(first[0].ttft if first else float("nan"))
             print(f"  {name:7} cold N=1 TTFT: " + ", ".join(f"{t:.3f}s" for t in cold[name]))
             if args.warmup:

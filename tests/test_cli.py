@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from mlx_llm_server.cli import DEFAULT_MODEL, DEFAULT_PORT, build_parser, model_specs
 
 
@@ -93,3 +95,16 @@ def test_buffer_cache_is_capped_never_raised() -> None:
         assert mx.set_cache_limit(own) == 1 << 20
     finally:
         mx.set_cache_limit(own)
+
+
+def test_prefill_chunk_is_larger_on_cuda_unless_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    import mlx.core as mx
+
+    from mlx_llm_server import cli
+
+    monkeypatch.setattr(mx.cuda, "is_available", lambda: False)
+    assert cli.engine_config(build_parser().parse_args([])).prefill_chunk == 512
+    monkeypatch.setattr(mx.cuda, "is_available", lambda: True)
+    assert cli.engine_config(build_parser().parse_args([])).prefill_chunk == 2048
+    given = build_parser().parse_args(["--prefill-chunk", "256"])
+    assert cli.engine_config(given).prefill_chunk == 256
