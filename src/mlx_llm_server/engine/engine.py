@@ -287,15 +287,13 @@ class Engine:
         started = time.perf_counter()
         self._prefill()
         prefilled = self.prompt_tokens_computed != computed
+        prefill_done = time.perf_counter()
+        if prefilled:
+            self.prefill_seconds += prefill_done - started
         decoded = len(self._batch) > 0
         if decoded:
-            after_prefill = time.perf_counter()
             self._decode()
-            self.decode_seconds += time.perf_counter() - after_prefill
-            if prefilled:
-                self.prefill_seconds += after_prefill - started
-        elif prefilled:
-            self.prefill_seconds += time.perf_counter() - started
+            self.decode_seconds += time.perf_counter() - prefill_done
         self._flush()
         self.steps += 1
         # MLX keeps freed buffers for reuse; under steady load it never sees an idle moment, so
