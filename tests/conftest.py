@@ -23,7 +23,7 @@ def qwen3_tokenizer_path() -> Path:
 
 from collections.abc import Iterator  # noqa: E402
 
-from server_process import ServerProcess  # noqa: E402
+from server_process import ServerProcess, serving  # noqa: E402
 
 TINY_CONTEXT = 1024
 
@@ -34,7 +34,7 @@ def tiny_server(
 ) -> Iterator[ServerProcess]:
     """The real server on a real port, serving the tiny Qwen3 as `tiny-qwen3`."""
     log = tmp_path_factory.mktemp("logs") / "tiny-server.log"
-    server = ServerProcess(
+    with serving(
         [
             "--model-name",
             str(tiny_qwen3_dir),
@@ -48,12 +48,8 @@ def tiny_server(
             "warning",
         ],
         log,
-    )
-    try:
-        server.wait_healthy()
+    ) as server:
         yield server
-    finally:
-        server.stop()
 
 
 SCRIPT_TEXT = "Hello 쀍龘🎉 한국어 日本語の文字 中文 𠜎 STOP done."
@@ -74,7 +70,7 @@ def serve_script(
     from scripted_model import write_scripted_model
 
     model_file, model_dir = write_scripted_model(folder, tokens)
-    server = ServerProcess(
+    with serving(
         [
             "--model-name",
             str(model_dir),
@@ -87,12 +83,8 @@ def serve_script(
             *options,
         ],
         folder / "server.log",
-    )
-    try:
-        server.wait_healthy()
+    ) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="session")

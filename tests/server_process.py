@@ -7,7 +7,8 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -60,3 +61,16 @@ class ServerProcess:
                 self.process.wait()
         self._log.close()
         return self.process.returncode
+
+
+@contextmanager
+def serving(
+    args: Sequence[str], log_path: Path, env: dict[str, str] | None = None
+) -> Iterator[ServerProcess]:
+    """A started server, healthy on entry and stopped on exit (for module fixtures)."""
+    server = ServerProcess(args, log_path, env)
+    try:
+        server.wait_healthy()
+        yield server
+    finally:
+        server.stop()

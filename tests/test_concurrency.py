@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from server_process import ServerProcess
+from server_process import ServerProcess, serving
 
 MODEL = "tiny-qwen3"
 NO_EOS = {"151645": -100}  # keeps the random model from ending early
@@ -171,7 +171,7 @@ def test_second_turn_reuses_cached_prefix(tiny_server: ServerProcess) -> None:
 def small_server(
     tiny_qwen3_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ServerProcess]:
-    server = ServerProcess(
+    with serving(
         [
             "--model-name",
             str(tiny_qwen3_dir),
@@ -185,12 +185,8 @@ def small_server(
             "info",
         ],
         tmp_path_factory.mktemp("small") / "server.log",
-    )
-    try:
-        server.wait_healthy()
+    ) as server:
         yield server
-    finally:
-        server.stop()
 
 
 def test_full_queue_answers_429_with_retry_after(small_server: ServerProcess) -> None:

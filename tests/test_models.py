@@ -10,7 +10,7 @@ import httpx
 import openai
 import pytest
 from conftest import SCRIPT_TEXT
-from server_process import ServerProcess
+from server_process import ServerProcess, serving
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +21,7 @@ def two_models(
 
     folder = tmp_path_factory.mktemp("two-models")
     model_file, scripted_dir = write_scripted_model(folder, script_tokens)
-    server = ServerProcess(
+    with serving(
         [
             "--model-name",
             f"tiny={tiny_qwen3_dir}",
@@ -36,12 +36,8 @@ def two_models(
             "4",
         ],
         folder / "server.log",
-    )
-    try:
-        server.wait_healthy()
+    ) as server:
         yield server
-    finally:
-        server.stop()
 
 
 def test_lists_every_configured_model(two_models: ServerProcess) -> None:

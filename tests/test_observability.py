@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from server_process import ServerProcess
+from server_process import ServerProcess, serving
 
 MODEL = "tiny-qwen3"
 NO_EOS = {"151645": -100}
@@ -24,7 +24,7 @@ def observed(
     tiny_qwen3_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ServerProcess]:
     folder = tmp_path_factory.mktemp("observed")
-    server = ServerProcess(
+    with serving(
         [
             "--model-name",
             str(tiny_qwen3_dir),
@@ -38,12 +38,8 @@ def observed(
             "info",
         ],
         folder / "server.log",
-    )
-    try:
-        server.wait_healthy()
+    ) as server:
         yield server
-    finally:
-        server.stop()
 
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]

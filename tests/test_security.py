@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from server_process import ServerProcess
+from server_process import ServerProcess, serving
 
 from mlx_llm_server.security import API_KEY_ENV, SecurityConfig, load_api_keys, normalize_host
 
@@ -31,7 +31,7 @@ def secured(
     folder = tmp_path_factory.mktemp("secured")
     key_file = folder / "keys.txt"
     key_file.write_text(f"# one key per line\n\n{KEYS['file']}\n")
-    server = ServerProcess(
+    with serving(
         [
             "--model-name",
             str(tiny_qwen3_dir),
@@ -54,12 +54,8 @@ def secured(
         ],
         folder / "server.log",
         env={API_KEY_ENV: KEYS["env"]},
-    )
-    try:
-        server.wait_healthy()
+    ) as server:
         yield server
-    finally:
-        server.stop()
 
 
 def auth(key: str = KEYS["flag"]) -> dict[str, str]:
