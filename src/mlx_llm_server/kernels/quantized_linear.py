@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cache
+from typing import Any, TypeVar
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -499,20 +500,7 @@ class AcceleratedQuantizedLinear(nn.QuantizedLinear):
 
     @classmethod
     def from_quantized(cls, layer: nn.QuantizedLinear) -> AcceleratedQuantizedLinear:
-        new = cls.__new__(cls)
-        nn.Module.__init__(new)
-        new.group_size = layer.group_size
-        new.bits = layer.bits
-        new.mode = layer.mode
-        new.weight = layer.weight
-        new.scales = layer.scales
-        new.biases = layer.get("biases")
-        if "bias" in layer:
-            new.bias = layer.bias
-        new.freeze()
-        new._cuda = _cuda_build()
-        new._fast = _fast_layer(new)
-        return new
+        return _adopt(cls.__new__(cls), layer, {"bias": layer.bias} if "bias" in layer else {})
 
     def __call__(self, x: mx.array) -> mx.array:
         y = _quantized_matmul(self, x)
@@ -530,23 +518,28 @@ class AcceleratedQuantizedEmbedding(nn.QuantizedEmbedding):
 
     @classmethod
     def from_quantized(cls, layer: nn.QuantizedEmbedding) -> AcceleratedQuantizedEmbedding:
-        new = cls.__new__(cls)
-        nn.Module.__init__(new)
-        new.group_size = layer.group_size
-        new.bits = layer.bits
-        new.mode = layer.mode
-        new.num_embeddings = layer.num_embeddings
-        new.dims = layer.dims
-        new.weight = layer.weight
-        new.scales = layer.scales
-        new.biases = layer.get("biases")
-        new.freeze()
-        new._cuda = _cuda_build()
-        new._fast = _fast_layer(new)
-        return new
+        sizes = {"num_embeddings": layer.num_embeddings, "dims": layer.dims}
+        return _adopt(cls.__new__(cls), layer, sizes)
 
     def as_linear(self, x: mx.array) -> mx.array:
         return _quantized_matmul(self, x)
+
+
+_Accelerated = TypeVar("_Accelerated", bound=nn.Module)
+
+
+def _adopt(new: _Accelerated, layer: nn.Module, extra: dict[str, Any]) -> _Accelerated:
+    """Gives an uninitialised accelerated layer the stock layer's quantized weights and settings
+    (shared, not copied) plus `extra`, frozen as the stock layer is."""
+    nn.Module.__init__(new)
+    new.group_size, new.bits, new.mode = layer.group_size, layer.bits, layer.mode
+    new.weight, new.scales, new.biases = layer.weight, layer.scales, layer.get("biases")
+    for name, value in extra.items():
+        setattr(new, name, value)
+    new.freeze()
+    new._cuda = _cuda_build()
+    new._fast = _fast_layer(new)
+    return new
 
 
 def cuda_gpu_is_default() -> bool:
