@@ -12,8 +12,15 @@ from pathlib import Path
 
 import mlx.core as mx
 import pytest
+from mlx_lm.models.cache import BatchKVCache
 
-from mlx_llm_server.engine.batch import DecodeBatch, Sequence, evaluate
+from mlx_llm_server.engine.batch import (
+    DecodeBatch,
+    Sequence,
+    evaluate,
+    extract_row,
+    filter_rows,
+)
 from mlx_llm_server.engine.engine import Engine, EngineConfig, EngineModel
 from mlx_llm_server.engine.types import GenerationRequest, SamplingParams, TokenEvent
 from mlx_llm_server.kernels.compiled_decode import compile_decode_blocks
@@ -259,3 +266,43 @@ def test_other_evaluation_errors_are_not_retried(monkeypatch: pytest.MonkeyPatch
     with pytest.raises(RuntimeError, match="shapes"):
         evaluate(mx.array([1]))
     assert len(tries) == 1
+
+
+def padded_batch_caches(layers: int, padding: list[int], length: int) -> list[BatchKVCache]:
+    """Batch caches as decoding leaves them: rows of different lengths, left-padded alike."""
+    caches = []
+    for layer in range(layers):
+        cache = BatchKVCache(padding)
+        shape = (len(padding), 2, length + 5, 4)  # 5 slots of room past the last position
+        cache.keys = mx.random.normal(shape, key=mx.random.key(2 * layer))
+        cache.values = mx.random.normal(shape, key=mx.random.key(2 * layer + 1))
+        cache.offset = cache.offset + length
+        cache._idx = length
+        caches.append(cache)
+    return caches
+
+
+@pytest.mark.parametrize(
+    "rows", [[0, 2], [1, 2, 3], [3, 0]], ids=["trims", "keeps-pad", "reorders"]
+)
+def test_rows_leave_the_batch_cache_as_mlx_lm_filters_them(rows: list[int]) -> None:
+    padding = [3, 0, 5, 2]
+    ours, theirs = padded_batch_caches(3, padding, 9), padded_batch_caches(3, padding, 9)
+    filter_rows(ours, rows)
+    for layer in theirs:
+        layer.filter(mx.array(rows))
+    for mine, reference in zip(ours, theirs, strict=True):
+        assert mine._idx == reference._idx
+        for a, b in zip(mine.state[:4], reference.state[:4], strict=True):
+            assert a.shape == b.shape and mx.array_equal(a, b).item()
+
+
+def test_a_row_leaves_the_batch_cache_as_mlx_lm_extracts_it() -> None:
+    padding = [3, 0, 5, 2]
+    caches = padded_batch_caches(2, padding, 9)
+    for row in range(len(padding)):
+        for mine, layer in zip(extract_row(caches, row), caches, strict=True):
+            reference = layer.extract(row)
+            assert mine.offset == reference.offset == 9 - padding[row]
+            assert mx.array_equal(mine.keys, reference.keys).item()
+            assert mx.array_equal(mine.values, reference.values).item()

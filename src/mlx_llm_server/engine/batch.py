@@ -21,6 +21,7 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx_lm.models.cache import BatchKVCache, KVCache
 
 from .sampling import SampleOutput, SamplingBatch
 from .types import GenerationRequest
@@ -88,6 +89,55 @@ class ReadToken:
 def merge_caches(caches: list[list[Any]]) -> list[Any]:
     """Per-layer batch caches holding the given single-sequence caches as rows."""
     return [type(layer[0]).merge(list(layer)) for layer in zip(*caches, strict=True)]
+
+
+# Rows leave and are extracted through these rather than BatchKVCache's own `filter` and
+# `extract`, which read every layer's left padding back from the device: 36 waits on a
+# Qwen3-8B, the first behind the whole step in flight. Every layer's batch cache is padded
+# alike (merged, extended, prepared and filtered together), so one read serves them all.
+
+
+def _left_padding(cache: list[Any]) -> list[int] | None:
+    """Each row's left padding, read once from the first attention layer (None if none)."""
+    for layer in cache:
+        if type(layer) is BatchKVCache:
+            return layer.left_padding.tolist()  # type: ignore[no-any-return]
+    return None
+
+
+def filter_rows(cache: list[Any], rows: list[int]) -> None:
+    """Keeps only `rows` in every layer's batch cache, in place, trimming shared padding."""
+    index = mx.array(rows, dtype=mx.int32)
+    padding = _left_padding(cache)
+    trim = min(padding[r] for r in rows) if padding is not None else 0
+    for layer in cache:
+        if type(layer) is not BatchKVCache:
+            layer.filter(index)
+            continue
+        if layer.keys is not None:
+            layer.keys = layer.keys[index][..., trim:, :] if trim else layer.keys[index]
+            layer.values = layer.values[index][..., trim:, :] if trim else layer.values[index]
+        layer.offset = layer.offset[index]
+        layer.left_padding = layer.left_padding[index] - trim if trim else layer.left_padding[index]
+        layer._idx -= trim
+
+
+def extract_row(cache: list[Any], row: int) -> list[Any]:
+    """Row `row` of every layer's batch cache as a single-sequence cache (copied, lazily)."""
+    padding = _left_padding(cache)
+    caches = []
+    for layer in cache:
+        if type(layer) is not BatchKVCache:
+            caches.append(layer.extract(row))
+            continue
+        assert padding is not None
+        single = KVCache()
+        end = layer._idx
+        single.keys = mx.contiguous(layer.keys[row : row + 1, :, padding[row] : end])
+        single.values = mx.contiguous(layer.values[row : row + 1, :, padding[row] : end])
+        single.offset = end - padding[row]
+        caches.append(single)
+    return caches
 
 
 class DecodeBatch:
@@ -169,8 +219,7 @@ class DecodeBatch:
         if len(rows) == 1:
             self._to_solo_cache(rows[0])
         else:
-            for layer in self.cache:
-                layer.filter(mx.array(rows, dtype=mx.int32))
+            filter_rows(self.cache, rows)
         assert self.pending is not None and self.sampling is not None
         self.pending = self.pending.select(rows)
         self.sampling = self.sampling.select(rows)
@@ -180,7 +229,7 @@ class DecodeBatch:
         """Row `row`'s cache as single-sequence caches (a solo row's own cache as it is)."""
         if self.solo:
             return self.cache
-        return [layer.extract(row) for layer in self.cache]
+        return extract_row(self.cache, row)
 
     def step(self) -> list[ReadToken]:
         """Feeds the pending tokens, samples the next ones, and returns the tokens just fed."""

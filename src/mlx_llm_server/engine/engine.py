@@ -633,9 +633,10 @@ class Engine:
                 if reason == "stop" or reason == "length":
                     try:
                         kept = self._batch.extract_cache(row)
-                        # Evaluated now: a lazy slice holds the whole batch's KV buffer alive,
-                        # many times the bytes the prefix cache counts against its budget.
-                        evaluate([layer.state for layer in kept])
+                        # Copied ahead of the next step (not waited for): a lazy slice would
+                        # hold the whole batch's KV buffer alive, many times the bytes the
+                        # prefix cache counts against its budget.
+                        evaluate([layer.state for layer in kept], wait=False)
                         self.prefix_cache.store(sequence.tokens, kept)
                     except Exception:  # a cache that can't be kept costs reuse, not the request
                         logger.exception("storing the prefix of %s failed", sequence.request_id)

@@ -1,0 +1,341 @@
+"""Where a decode step's time goes, on the device: KV length, padding, rows leaving and joining.
+
+Loads the Qwen3-8B-shaped 4-bit model through the server's own loading path (built on the
+device first if missing; see serve_bench.build_model), with the accelerated quantized layers
+and the server's CUDA defaults, then prints one table per part:
+
+1. Steady decode at each row count and KV length, pipelined as the engine runs it (graph of step
+   t+1 queued before step t's tokens are read): milliseconds a step, with a batch cache whose
+   rows are left-padded as a server's are, and with a plain cache of the same length (no mask).
+   Unpipelined, the same step split into building its graph (Python) and evaluating it.
+2. What a row leaving or joining costs at the largest row count and KV length: mlx-lm's
+   `BatchKVCache.filter` / `extract` against the engine's `filter_rows` / `extract_row`, and
+   `extend` by one new row; each timed from a synchronised device to its result evaluated.
+3. Sampling alone for that many rows: greedy, and temperature with top-p.
+4. One row, by quantized-matmul path: the server's choice, the fused kernel on the MLP
+   projections, and the stock op everywhere (steady ms, graph building, evaluation).
+
+    python bench/gpu_step_anatomy.py --rows 1,64 --lengths 16,256,640
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "bench"))
+
+KV_STEP = 256  # mlx-lm grows a KV cache in steps of this many positions
+
+
+def load_model(folder: Path) -> tuple[Any, Any]:
+    import mlx.core as mx
+
+    from mlx_llm_server.cli import CUDA_DEFAULTS, limit_buffer_cache
+    from mlx_llm_server.kernels.quantized_linear import accelerate_quantized_layers
+    from mlx_llm_server.models.loader import load
+
+    for name, value in CUDA_DEFAULTS.items():
+        os.environ.setdefault(name, value)
+    limit_buffer_cache(4.0)
+    loaded = load(str(folder))
+    swapped = accelerate_quantized_layers(loaded.model)
+    print(f"model loaded; accelerated layers: {swapped}; device {mx.default_device()}", flush=True)
+    return loaded.model, loaded.model.args
+
+
+def kv_shape(args: Any, rows: int, capacity: int) -> tuple[int, int, int, int]:
+    head_dim = getattr(args, "head_dim", None) or args.hidden_size // args.num_attention_heads
+    return (rows, args.num_key_value_heads, capacity, head_dim)
+
+
+def capacity_for(length: int, steps: int) -> int:
+    return -(-(length + steps) // KV_STEP) * KV_STEP
+
+
+def batch_caches(args: Any, rows: int, length: int, steps: int, padded: bool) -> list[Any]:
+    """Per-layer batch caches of `length` positions; rows left-padded as a server's are (the
+    oldest row none, the others up to half the length) when `padded`."""
+    import mlx.core as mx
+    from mlx_lm.models.cache import BatchKVCache
+
+    padding = [(r * 37) % (length // 2 + 1) if padded and r else 0 for r in range(rows)]
+    shape = kv_shape(args, rows, capacity_for(length, steps))
+    caches = []
+    for _ in range(args.num_hidden_layers):
+        cache = BatchKVCache(padding)
+        cache.keys = mx.random.normal(shape, dtype=mx.bfloat16)
+        cache.values = mx.random.normal(shape, dtype=mx.bfloat16)
+        cache.offset = cache.offset + length
+        cache._idx = length
+        caches.append(cache)
+    mx.eval([c.state for c in caches])
+    return caches
+
+
+def plain_caches(args: Any, rows: int, length: int, steps: int) -> list[Any]:
+    import mlx.core as mx
+    from mlx_lm.models.cache import KVCache
+
+    shape = kv_shape(args, rows, capacity_for(length, steps))
+    caches = []
+    for _ in range(args.num_hidden_layers):
+        cache = KVCache()
+        cache.keys = mx.random.normal(shape, dtype=mx.bfloat16)
+        cache.values = mx.random.normal(shape, dtype=mx.bfloat16)
+        cache.offset = length
+        caches.append(cache)
+    mx.eval([c.state for c in caches])
+    return caches
+
+
+def steady_ms(model: Any, cache: list[Any], rows: int, steps: int) -> tuple[float, float]:
+    """Median ms a step, pipelined as the engine runs; and the median graph-building ms."""
+    import mlx.core as mx
+
+    tokens = mx.zeros((rows, 1), dtype=mx.uint32)
+    pending = None
+    stamps, builds = [], []
+    for _ in range(steps):
+        started = time.perf_counter()
+        logits = model(tokens, cache=cache)[:, -1, :]
+        tokens = mx.argmax(logits, axis=-1, keepdims=True)
+        mx.async_eval(tokens)
+        builds.append(time.perf_counter() - started)
+        if pending is not None:
+            pending.tolist()
+        pending = tokens
+        stamps.append(time.perf_counter())
+    gaps = [b - a for a, b in itertools.pairwise(stamps[4:])]
+    return statistics.median(gaps) * 1e3, statistics.median(builds[4:]) * 1e3
+
+
+def unpipelined_ms(model: Any, cache: list[Any], rows: int, steps: int) -> tuple[float, float]:
+    """Median ms building one step's graph, and evaluating it with nothing else in flight."""
+    import mlx.core as mx
+
+    tokens = mx.zeros((rows, 1), dtype=mx.uint32)
+    builds, evals = [], []
+    for _ in range(steps):
+        started = time.perf_counter()
+        logits = model(tokens, cache=cache)[:, -1, :]
+        tokens = mx.argmax(logits, axis=-1, keepdims=True)
+        built = time.perf_counter()
+        mx.eval(tokens)
+        builds.append(built - started)
+        evals.append(time.perf_counter() - built)
+    return statistics.median(builds[2:]) * 1e3, statistics.median(evals[2:]) * 1e3
+
+
+def part_steady(model: Any, args: Any, rows: list[int], lengths: list[int], steps: int) -> None:
+    import mlx.core as mx
+
+    print("\n## 1. Steady decode (ms a step)\n", flush=True)
+    print(
+        "| rows | KV length | batch cache, padded rows | plain cache, no mask | tokens/s "
+        "(batch cache) | build (batch cache) | unpipelined: build / evaluate |"
+    )
+    print("|---:|---:|---:|---:|---:|---:|---|")
+    for count in rows:
+        for length in lengths:
+            if count == 1:
+                batch_step, build = float("nan"), float("nan")
+            else:
+                cache = batch_caches(args, count, length, steps, padded=True)
+                batch_step, build = steady_ms(model, cache, count, steps)
+                del cache
+            cache = plain_caches(args, count, length, steps + 12)
+            plain_step, plain_build = steady_ms(model, cache, count, steps)
+            unpiped = unpipelined_ms(model, cache, count, 10)
+            del cache
+            mx.clear_cache()
+            step = plain_step if count == 1 else batch_step
+            print(
+                f"| {count} | {length} | {batch_step:.2f} | {plain_step:.2f} | "
+                f"{count / step * 1e3:,.1f} | {(plain_build if count == 1 else build):.2f} | "
+                f"{unpiped[0]:.2f} / {unpiped[1]:.2f} |",
+                flush=True,
+            )
+
+
+def synced_ms(action: Callable[[], Any]) -> float:
+    import mlx.core as mx
+
+    mx.synchronize()
+    started = time.perf_counter()
+    result = action()
+    mx.eval(result)
+    mx.synchronize()
+    return (time.perf_counter() - started) * 1e3
+
+
+def part_churn(model: Any, args: Any, rows: int, length: int) -> None:
+    import mlx.core as mx
+    from mlx_lm.models.cache import BatchKVCache, KVCache
+
+    from mlx_llm_server.engine.batch import extract_row, filter_rows
+
+    print(f"\n## 2. Rows leaving and joining, {rows} rows, KV length {length} (ms)\n", flush=True)
+    kept = [r for r in range(rows) if r != 1]
+    index = mx.array(kept, dtype=mx.int32)
+
+    def fresh() -> list[Any]:
+        mx.clear_cache()
+        return batch_caches(args, rows, length, 16, padded=True)
+
+    def one_step(cache: list[Any], count: int) -> float:
+        tokens = mx.zeros((count, 1), dtype=mx.uint32)
+        return synced_ms(lambda: model(tokens, cache=cache)[:, -1, :].argmax(axis=-1))
+
+    figures: list[tuple[str, float]] = []
+    for _ in range(2):  # the first round pays first-use costs
+        figures = []
+        cache = fresh()
+        figures.append(("one decode step (reference)", one_step(cache, rows)))
+        figures.append(
+            (
+                "mlx-lm: every layer's filter (one row leaves)",
+                synced_ms(lambda c=cache: [layer.filter(index) or layer.state for layer in c]),
+            )
+        )
+        figures.append(("the next decode step after it", one_step(cache, rows - 1)))
+        cache = fresh()
+        figures.append(
+            (
+                "engine: filter_rows (one row leaves)",
+                synced_ms(lambda c=cache: filter_rows(c, kept) or [layer.state for layer in c]),
+            )
+        )
+        figures.append(("the next decode step after it", one_step(cache, rows - 1)))
+        cache = fresh()
+        figures.append(
+            (
+                "mlx-lm: every layer's extract (one row's cache)",
+                synced_ms(lambda c=cache: [layer.extract(1).state for layer in c]),
+            )
+        )
+        figures.append(
+            (
+                "engine: extract_row",
+                synced_ms(lambda c=cache: [layer.state for layer in extract_row(c, 1)]),
+            )
+        )
+
+        def joiner() -> list[Any]:
+            single = []
+            for _ in range(args.num_hidden_layers):
+                layer = KVCache()
+                layer.keys = mx.random.normal(kv_shape(args, 1, 256), dtype=mx.bfloat16)
+                layer.values = mx.random.normal(kv_shape(args, 1, 256), dtype=mx.bfloat16)
+                layer.offset = 200
+                single.append(BatchKVCache.merge([layer]))
+            mx.eval([layer.state for layer in single])
+            return single
+
+        new_row = joiner()
+        figures.append(
+            (
+                "extend every layer by one row of 200 positions",
+                synced_ms(
+                    lambda c=cache, n=new_row: [
+                        a.extend(b) or a.state for a, b in zip(c, n, strict=True)
+                    ]
+                ),
+            )
+        )
+        figures.append(("the next decode step after it", one_step(cache, rows + 1)))
+        del cache
+    for name, value in figures:
+        print(f"| {name} | {value:.2f} |", flush=True)
+
+
+def part_sampling(rows: int, vocab: int) -> None:
+    import mlx.core as mx
+
+    from mlx_llm_server.engine.sampling import SamplingBatch
+    from mlx_llm_server.engine.types import SamplingParams
+
+    print(f"\n## 3. Sampling alone, {rows} rows of {vocab:,} logits (ms)\n", flush=True)
+    logits = mx.random.normal((rows, vocab), dtype=mx.bfloat16)
+    mx.eval(logits)
+    for name, params in (
+        ("greedy", SamplingParams(temperature=0.0)),
+        ("temperature 0.7, top-p 0.9", SamplingParams(temperature=0.7, top_p=0.9)),
+    ):
+        batch = SamplingBatch([params] * rows, vocab)
+        times = [synced_ms(lambda b=batch: b.sample(logits).arrays()) for _ in range(12)]
+        print(f"| {name} | {statistics.median(times[2:]):.2f} |", flush=True)
+
+
+def part_one_row_paths(model: Any, args: Any, length: int, steps: int) -> None:
+    import mlx.core as mx
+
+    from mlx_llm_server.kernels.quantized_linear import (
+        AcceleratedQuantizedEmbedding,
+        AcceleratedQuantizedLinear,
+    )
+
+    print(f"\n## 4. One row by matmul path, KV length {length} (ms)\n", flush=True)
+    print("| path | step | build | unpipelined: build / evaluate |\n|---|---:|---:|---|")
+    layers = [
+        (name, m)
+        for name, m in model.named_modules()
+        if isinstance(m, AcceleratedQuantizedLinear | AcceleratedQuantizedEmbedding)
+    ]
+    mlp = ("gate_proj", "up_proj", "down_proj")
+    choices = {
+        "server's choice": lambda name: None,
+        "fused kernel on gate/up/down": lambda name: "fused" if name.endswith(mlp) else None,
+        "stock op everywhere": lambda name: "stock",
+    }
+    for label, pick in choices.items():
+        for name, layer in layers:
+            layer.force_path = pick(name)
+        cache = plain_caches(args, 1, length, steps + 12)
+        step, build = steady_ms(model, cache, 1, steps)
+        unpiped = unpipelined_ms(model, cache, 1, 10)
+        print(
+            f"| {label} | {step:.2f} | {build:.2f} | {unpiped[0]:.2f} / {unpiped[1]:.2f} |",
+            flush=True,
+        )
+        del cache
+        mx.clear_cache()
+    for _, layer in layers:
+        layer.force_path = None
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", type=Path, default=Path("/tmp/sb/model-qwen3-8b-4bit"))
+    parser.add_argument("--tokenizer-dir", type=Path)
+    parser.add_argument("--rows", default="1,64")
+    parser.add_argument("--lengths", default="16,256,640")
+    parser.add_argument("--steps", type=int, default=24)
+    args = parser.parse_args()
+    if not (args.model / "config.json").exists():
+        from serve_bench import build_model
+
+        build_model("qwen3-8b-4bit", args.model, args.tokenizer_dir)
+    model, model_args = load_model(args.model)
+    rows = [int(r) for r in args.rows.split(",")]
+    lengths = [int(n) for n in args.lengths.split(",")]
+    part_steady(model, model_args, rows, lengths, args.steps)
+    part_churn(model, model_args, max(rows), max(lengths))
+    part_sampling(max(rows), model_args.vocab_size)
+    part_one_row_paths(model, model_args, 256, args.steps)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
