@@ -14,6 +14,10 @@ and the server's CUDA defaults, then prints one table per part:
 3. Sampling alone for that many rows: greedy, and temperature with top-p.
 4. One row, by quantized-matmul path: the server's choice, the fused kernel on the MLP
    projections, and the stock op everywhere (steady ms, graph building, evaluation).
+5. One decoder layer's operations at the largest row count and KV length, each called 40 times
+   in one evaluation: microseconds a call (host encoding and device time together).
+
+`--parts` picks which (e.g. `1,5`).
 
     python bench/gpu_step_anatomy.py --rows 1,64 --lengths 16,256,640
 """
@@ -313,6 +317,81 @@ def part_one_row_paths(model: Any, args: Any, length: int, steps: int) -> None:
         layer.force_path = None
 
 
+def per_call_us(action: Callable[[], Any], calls: int = 40) -> float:
+    import mlx.core as mx
+
+    mx.eval(action())  # first use
+    mx.synchronize()
+    started = time.perf_counter()
+    mx.eval([action() for _ in range(calls)])
+    mx.synchronize()
+    return (time.perf_counter() - started) / calls * 1e6
+
+
+def part_layer_ops(model: Any, args: Any, rows: int, length: int) -> None:
+    import mlx.core as mx
+
+    print(f"\n## 5. One layer's operations, {rows} rows, KV length {length} (us a call)\n")
+    layer = model.model.layers[0]
+    attn, mlp = layer.self_attn, layer.mlp
+    heads, kv_heads = args.num_attention_heads, args.num_key_value_heads
+    head_dim = kv_shape(args, 1, 1)[3]
+    bf16 = mx.bfloat16
+    x = mx.random.normal((rows, 1, args.hidden_size), dtype=bf16)
+    wide = mx.random.normal((rows, 1, args.intermediate_size), dtype=bf16)
+    q = mx.random.normal((rows, heads, 1, head_dim), dtype=bf16)
+    k_new = mx.random.normal((rows, kv_heads, 1, head_dim), dtype=bf16)
+    keys = mx.random.normal((rows, kv_heads, length, head_dim), dtype=bf16)
+    values = mx.random.normal((rows, kv_heads, length, head_dim), dtype=bf16)
+    mask = mx.arange(length)[None, None, None, :] >= (mx.arange(rows) % 7)[:, None, None, None]
+    offsets = mx.full((rows,), length, dtype=mx.int32)
+    cache = plain_caches(args, rows, length, 64)[0]
+    cache_batch = batch_caches(args, rows, length, 64, padded=True)[0]
+    mx.eval(x, wide, q, k_new, keys, values, mask, offsets)
+    scale = head_dim**-0.5
+    head = getattr(model, "lm_head", None) or model.model.embed_tokens.as_linear
+    sdpa = mx.fast.scaled_dot_product_attention
+    ops: list[tuple[str, Callable[[], Any]]] = [
+        ("input_layernorm (RMSNorm)", lambda: layer.input_layernorm(x)),
+        ("q_proj", lambda: attn.q_proj(x)),
+        ("k_proj", lambda: attn.k_proj(x)),
+        ("v_proj", lambda: attn.v_proj(x)),
+        ("o_proj", lambda: attn.o_proj(x)),
+        ("gate_proj", lambda: mlp.gate_proj(x)),
+        ("up_proj", lambda: mlp.up_proj(x)),
+        ("down_proj", lambda: mlp.down_proj(wide)),
+        ("silu(gate) * up", lambda: mx.sigmoid(wide) * wide * wide),
+        ("q_norm", lambda: attn.q_norm(q)),
+        ("RoPE on q, one offset per row", lambda: attn.rope(q, offset=offsets)),
+        ("attention, no mask", lambda: sdpa(q, keys, values, scale=scale)),
+        ("attention, boolean mask", lambda: sdpa(q, keys, values, scale=scale, mask=mask)),
+        ("KV update, plain cache", lambda: cache.update_and_fetch(k_new, k_new)),
+        ("KV update, batch cache", lambda: cache_batch.update_and_fetch(k_new, k_new)),
+        ("residual add", lambda: x + x),
+        ("whole layer, plain cache", lambda: layer(x, None, KVCacheView(cache, length))),
+        ("output head (lm_head)", lambda: head(x)),
+        ("argmax over the vocabulary", lambda: mx.argmax(head(x), axis=-1)),
+    ]
+    for name, action in ops:
+        print(f"| {name} | {per_call_us(action):.1f} |", flush=True)
+
+
+class KVCacheView:
+    """A plain cache reset to a fixed length before every use: repeated calls of a whole layer
+    keep the same KV length instead of growing it."""
+
+    def __init__(self, cache: Any, length: int) -> None:
+        self._cache, self._length = cache, length
+
+    @property
+    def offset(self) -> int:
+        return self._length
+
+    def update_and_fetch(self, keys: Any, values: Any) -> Any:
+        self._cache.offset = self._length
+        return self._cache.update_and_fetch(keys, values)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -322,6 +401,7 @@ def main() -> int:
     parser.add_argument("--rows", default="1,64")
     parser.add_argument("--lengths", default="16,256,640")
     parser.add_argument("--steps", type=int, default=24)
+    parser.add_argument("--parts", default="1,2,3,4,5")
     args = parser.parse_args()
     if not (args.model / "config.json").exists():
         from serve_bench import build_model
@@ -330,10 +410,17 @@ def main() -> int:
     model, model_args = load_model(args.model)
     rows = [int(r) for r in args.rows.split(",")]
     lengths = [int(n) for n in args.lengths.split(",")]
-    part_steady(model, model_args, rows, lengths, args.steps)
-    part_churn(model, model_args, max(rows), max(lengths))
-    part_sampling(max(rows), model_args.vocab_size)
-    part_one_row_paths(model, model_args, 256, args.steps)
+    parts = {int(p) for p in args.parts.split(",")}
+    if 1 in parts:
+        part_steady(model, model_args, rows, lengths, args.steps)
+    if 2 in parts:
+        part_churn(model, model_args, max(rows), max(lengths))
+    if 3 in parts:
+        part_sampling(max(rows), model_args.vocab_size)
+    if 4 in parts:
+        part_one_row_paths(model, model_args, 256, args.steps)
+    if 5 in parts:
+        part_layer_ops(model, model_args, max(rows), max(lengths))
     return 0
 
 
