@@ -16,6 +16,11 @@ and the server's CUDA defaults, then prints one table per part:
    projections, and the stock op everywhere (steady ms, graph building, evaluation).
 5. One decoder layer's operations at the largest row count and KV length, each called 40 times
    in one evaluation: microseconds a call (host encoding and device time together).
+6. The batched decode-attention kernel (`kernels/decode_attention.py`) against MLX's attention
+   with the padding as a boolean mask: largest relative error over row counts, KV lengths and
+   paddings, then microseconds a call against the masked and the unmasked stock attention.
+
+Part 1 runs the batch cache twice: MLX's masked attention, then the decode-attention kernel.
 
 `--parts` picks which (e.g. `1,5`).
 
@@ -145,30 +150,39 @@ def part_steady(model: Any, args: Any, rows: list[int], lengths: list[int], step
 
     print("\n## 1. Steady decode (ms a step)\n", flush=True)
     print(
-        "| rows | KV length | batch cache, padded rows | plain cache, no mask | tokens/s "
-        "(batch cache) | build (batch cache) | unpipelined: build / evaluate |"
+        "| rows | KV length | batch cache, masked | batch cache, kernel | plain cache, no mask "
+        "| tokens/s (kernel) | build (masked) | unpipelined (plain): build / evaluate |"
     )
-    print("|---:|---:|---:|---:|---:|---:|---|")
+    print("|---:|---:|---:|---:|---:|---:|---:|---|")
     for count in rows:
         for length in lengths:
             if count == 1:
-                batch_step, build = float("nan"), float("nan")
+                batch_step = kernel_step = build = float("nan")
             else:
+                set_decode_kernel(model, False)
                 cache = batch_caches(args, count, length, steps, padded=True)
                 batch_step, build = steady_ms(model, cache, count, steps)
+                set_decode_kernel(model, True)
+                cache = batch_caches(args, count, length, steps, padded=True)
+                kernel_step, _ = steady_ms(model, cache, count, steps)
                 del cache
             cache = plain_caches(args, count, length, steps + 12)
             plain_step, plain_build = steady_ms(model, cache, count, steps)
             unpiped = unpipelined_ms(model, cache, count, 10)
             del cache
             mx.clear_cache()
-            step = plain_step if count == 1 else batch_step
+            step = plain_step if count == 1 else kernel_step
             print(
-                f"| {count} | {length} | {batch_step:.2f} | {plain_step:.2f} | "
+                f"| {count} | {length} | {batch_step:.2f} | {kernel_step:.2f} | {plain_step:.2f} | "
                 f"{count / step * 1e3:,.1f} | {(plain_build if count == 1 else build):.2f} | "
                 f"{unpiped[0]:.2f} / {unpiped[1]:.2f} |",
                 flush=True,
             )
+
+
+def set_decode_kernel(model: Any, on: bool) -> None:
+    for layer in model.model.layers:
+        layer.self_attn.batch_decode_kernel = on
 
 
 def synced_ms(action: Callable[[], Any]) -> float:
@@ -392,6 +406,50 @@ class KVCacheView:
         return self._cache.update_and_fetch(keys, values)
 
 
+def part_decode_kernel(args: Any, rows: int, length: int) -> None:
+    import mlx.core as mx
+
+    from mlx_llm_server.kernels.decode_attention import (
+        batch_decode_attention,
+        reference_decode_attention,
+    )
+
+    print("\n## 6. Decode-attention kernel against MLX's masked attention\n", flush=True)
+    heads, kv_heads = args.num_attention_heads, args.num_key_value_heads
+    head_dim = kv_shape(args, 1, 1)[3]
+    scale = head_dim**-0.5
+    worst = 0.0
+    for dtype in (mx.bfloat16, mx.float16):
+        for count in (1, 2, 8, rows):
+            for kv_len in (1, 7, 640, 2049):
+                cap = capacity_for(kv_len, 1)
+                key = mx.random.key(count * 10_000 + kv_len)
+                k1, k2, k3, k4 = mx.random.split(key, 4)
+                q = mx.random.normal((count, heads, 1, head_dim), key=k1).astype(dtype)
+                k = mx.random.normal((count, kv_heads, cap, head_dim), key=k2).astype(dtype)
+                v = mx.random.normal((count, kv_heads, cap, head_dim), key=k3).astype(dtype)
+                pad = mx.random.randint(0, kv_len, (count,), key=k4).astype(mx.int32)
+                pad[0] = 0  # the oldest row has none
+                kv, vv = k[..., :kv_len, :], v[..., :kv_len, :]  # views, as the cache gives
+                ours = batch_decode_attention(q, kv, vv, pad, scale).astype(mx.float32)
+                ref = reference_decode_attention(q, kv, vv, pad, scale).astype(mx.float32)
+                err = (mx.abs(ours - ref).max() / mx.abs(ref).max()).item()
+                assert not mx.isnan(ours).any().item(), "NaN from the kernel"
+                worst = max(worst, err)
+    print(f"| largest relative error (bf16 and f16; rows 1-{rows}; KV 1-2049) | {worst:.2e} |")
+    q = mx.random.normal((rows, heads, 1, head_dim), dtype=mx.bfloat16)
+    k = mx.random.normal((rows, kv_heads, length, head_dim), dtype=mx.bfloat16)
+    pad = (mx.arange(rows) * 37 % (length // 2 + 1)).astype(mx.int32)
+    mask = mx.arange(length)[None, None, None, :] >= pad[:, None, None, None]
+    sdpa = mx.fast.scaled_dot_product_attention
+    for name, action in (
+        ("kernel (rows skip their padding)", lambda: batch_decode_attention(q, k, k, pad, scale)),
+        ("MLX, boolean mask", lambda: sdpa(q, k, k, scale=scale, mask=mask)),
+        ("MLX, no mask", lambda: sdpa(q, k, k, scale=scale)),
+    ):
+        print(f"| {name}, {rows} rows, KV {length} | {per_call_us(action):.1f} us |", flush=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -401,7 +459,7 @@ def main() -> int:
     parser.add_argument("--rows", default="1,64")
     parser.add_argument("--lengths", default="16,256,640")
     parser.add_argument("--steps", type=int, default=24)
-    parser.add_argument("--parts", default="1,2,3,4,5")
+    parser.add_argument("--parts", default="6,1,2,3,4,5")
     args = parser.parse_args()
     if not (args.model / "config.json").exists():
         from serve_bench import build_model
@@ -411,6 +469,8 @@ def main() -> int:
     rows = [int(r) for r in args.rows.split(",")]
     lengths = [int(n) for n in args.lengths.split(",")]
     parts = {int(p) for p in args.parts.split(",")}
+    if 6 in parts:
+        part_decode_kernel(model_args, max(rows), max(lengths))
     if 1 in parts:
         part_steady(model, model_args, rows, lengths, args.steps)
     if 2 in parts:

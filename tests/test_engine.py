@@ -23,7 +23,12 @@ from mlx_llm_server.engine.batch import (
 )
 from mlx_llm_server.engine.engine import Engine, EngineConfig, EngineModel
 from mlx_llm_server.engine.types import GenerationRequest, SamplingParams, TokenEvent
+from mlx_llm_server.kernels import decode_attention
 from mlx_llm_server.kernels.compiled_decode import compile_decode_blocks
+from mlx_llm_server.kernels.decode_attention import (
+    enable_batch_decode_attention,
+    reference_decode_attention,
+)
 from mlx_llm_server.models.loader import load
 
 PROMPTS = [list(range(300, 340)), list(range(1000, 1013)), list(range(5000, 5071))]
@@ -63,20 +68,37 @@ async def until(condition: object) -> None:
     raise AssertionError("not reached")
 
 
-@pytest.mark.parametrize("compiled", [False, True], ids=["model-blocks", "compiled-blocks"])
+@pytest.mark.parametrize("mode", ["model-blocks", "compiled-blocks", "decode-attention-kernel"])
 def test_rows_joining_and_leaving_decode_as_if_alone(
-    tiny_qwen3_dir: Path, references: list[list[int]], compiled: bool
+    tiny_qwen3_dir: Path,
+    references: list[list[int]],
+    mode: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """0 starts alone; 1 joins; 0 leaves, so 1 (the second row) goes on alone; 2 joins and
-    leaves; 1 ends alone."""
+    leaves; 1 ends alone. With the decode-attention kernel on, its batched steps go through
+    the kernel's entry point (here its MLX reference: the CUDA kernel itself runs in bench/)."""
+    kernel_calls = []
+
+    def stand_in(*args: object) -> mx.array:
+        kernel_calls.append(1)
+        return reference_decode_attention(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(decode_attention, "batch_decode_attention", stand_in)
+    # The tiny model's float32 and 16-wide heads are not the kernel's shapes; its reference's are.
+    monkeypatch.setattr(
+        decode_attention, "decode_attention_supported", lambda q, k: q.shape[2] == 1
+    )
 
     async def run() -> tuple[list[list[int]], list[bool]]:
         engine = Engine(EngineConfig(max_running=4, prefill_chunk=64))
 
         def setup() -> EngineModel:
             loaded = load(str(tiny_qwen3_dir))
-            if compiled:
+            if mode == "compiled-blocks":
                 assert compile_decode_blocks(loaded.model) > 0
+            if mode == "decode-attention-kernel":
+                assert enable_batch_decode_attention(loaded.model, force=True) > 0
             return EngineModel(loaded.model, loaded.vocab_size)
 
         await asyncio.wrap_future(engine.start(setup))
@@ -110,6 +132,7 @@ def test_rows_joining_and_leaving_decode_as_if_alone(
     assert outputs[2] == references[2][:8]
     # Each change between a sequence's own cache and a batch cache was exercised.
     assert modes == [True, False, True, False, True]
+    assert bool(kernel_calls) == (mode == "decode-attention-kernel")
 
 
 def test_warm_up_runs_every_sampling_feature_and_leaves_no_trace(tiny_qwen3_dir: Path) -> None:
@@ -306,3 +329,36 @@ def test_a_row_leaves_the_batch_cache_as_mlx_lm_extracts_it() -> None:
             assert mine.offset == reference.offset == 9 - padding[row]
             assert mx.array_equal(mine.keys, reference.keys).item()
             assert mx.array_equal(mine.values, reference.values).item()
+
+
+def test_decode_attention_entry_point_sees_each_rows_padding(
+    tiny_qwen3_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A decode step of a left-padded batch through the kernel's entry point (its MLX reference
+    here) gives the logits of MLX's masked attention; ignoring the padding would not."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    model = load(str(tiny_qwen3_dir)).model
+    prompts = [list(range(300, 340)), list(range(1000, 1007))]  # row 1: 33 positions of padding
+    singles = []
+    for prompt in prompts:
+        cache = make_prompt_cache(model)
+        mx.eval(model(mx.array([prompt]), cache=cache))
+        singles.append(cache)
+
+    def step(kernel: bool, padding_scale: int = 1) -> mx.array:
+        def stand_in(q: mx.array, k: mx.array, v: mx.array, pad: mx.array, s: float) -> mx.array:
+            return reference_decode_attention(q, k, v, pad * padding_scale, s)
+
+        monkeypatch.setattr(decode_attention, "batch_decode_attention", stand_in)
+        monkeypatch.setattr(decode_attention, "decode_attention_supported", lambda q, k: True)
+        for layer in model.model.layers:
+            layer.self_attn.batch_decode_kernel = kernel
+        batch = [type(layers[0]).merge(list(layers)) for layers in zip(*singles, strict=True)]
+        logits = model(mx.array([[5], [6]]), cache=batch)
+        mx.eval(logits)
+        return logits
+
+    masked = step(kernel=False)
+    assert mx.allclose(step(kernel=True), masked, atol=1e-5).item()
+    assert not mx.allclose(step(kernel=True, padding_scale=0), masked, atol=1e-3).item()

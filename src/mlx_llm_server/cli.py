@@ -310,6 +310,7 @@ def model_starter(
 
         def setup() -> EngineModel:
             from .kernels.compiled_decode import compile_decode_blocks
+            from .kernels.decode_attention import enable_batch_decode_attention
             from .kernels.quantized_linear import accelerate_quantized_layers
             from .text.grammar import apply_grammar_masks
 
@@ -327,6 +328,9 @@ def model_starter(
                 logger.info(
                     "%s: %d quantized layers use the batched GPU path", spec.model_id, replaced
                 )
+            # Batched decode attention without a padding mask (models that offer it: Qwen3).
+            if enable_batch_decode_attention(model.model):
+                logger.info("%s: batched decode attention uses the GPU kernel", spec.model_id)
             # After the swap above: the compiled functions trace whatever layers are in place.
             if args.compiled_decode:
                 compiled = compile_decode_blocks(model.model)

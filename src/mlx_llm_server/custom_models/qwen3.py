@@ -17,7 +17,10 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.base import BaseModelArgs, create_attention_mask, scaled_dot_product_attention
+from mlx_lm.models.cache import BatchKVCache
 from mlx_lm.models.rope_utils import initialize_rope
+
+from ..kernels import decode_attention
 
 
 @dataclass
@@ -52,6 +55,9 @@ class ModelArgs(BaseModelArgs):
 
 
 class Attention(nn.Module):
+    # Set by kernels.decode_attention.enable_batch_decode_attention on NVIDIA GPUs.
+    batch_decode_kernel: bool = False
+
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
         dim = args.hidden_size
@@ -105,11 +111,21 @@ class Attention(nn.Module):
             queries = self.rope(queries)
             keys = self.rope(keys)
 
-        # mlx-lm's helper picks the quantized path for a quantized KV cache, else the fused
-        # kernel; the mask (causal, plus left padding for a batch) comes from the cache.
-        output = scaled_dot_product_attention(
-            queries, keys, values, cache=cache, scale=self.scale, mask=mask
-        )
+        if (
+            self.batch_decode_kernel
+            and type(cache) is BatchKVCache
+            and decode_attention.decode_attention_supported(queries, keys)
+        ):
+            # A decode step of a left-padded batch: each row skips its padding (no mask).
+            output = decode_attention.batch_decode_attention(
+                queries, keys, values, cache.left_padding, self.scale
+            )
+        else:
+            # mlx-lm's helper picks the quantized path for a quantized KV cache, else the fused
+            # kernel; the mask (causal, plus left padding for a batch) comes from the cache.
+            output = scaled_dot_product_attention(
+                queries, keys, values, cache=cache, scale=self.scale, mask=mask
+            )
         output = output.transpose(0, 2, 1, 3).reshape(B, L, -1)
         return self.o_proj(output)
 

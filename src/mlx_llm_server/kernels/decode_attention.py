@@ -1,0 +1,218 @@
+"""Attention for a batched decode step on NVIDIA GPUs: one new token a row, rows left-padded.
+
+A running batch keeps every row's keys right-aligned in one buffer, so a row that joined later
+starts after some left padding. mlx-lm hands that to attention as a boolean mask, and MLX's CUDA
+backend (0.32) has no fused kernel for an array mask: it falls back to a matmul, a masked
+softmax and a second matmul, 473 us a layer for 64 rows of 640 positions on an H100 against
+182 us for its fused kernel without a mask (bench/NOTES.md, "step anatomy"). This kernel takes
+each row's padding instead of a mask and starts that row's loop after it, so padded positions
+cost nothing; the query heads that share a key/value head (grouped-query attention) are done
+together, so each key and value is read once for all of them.
+
+Reference semantics (`reference_decode_attention`): softmax(q k^T * scale) v over positions
+[left_padding[b], kL) of row b, float32 accumulation, the query dtype out.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import cache
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .quantized_linear import cuda_gpu_is_default
+
+__all__ = [
+    "batch_decode_attention",
+    "decode_attention_supported",
+    "enable_batch_decode_attention",
+    "reference_decode_attention",
+]
+
+_WARPS = 8  # warps per block; each takes every 8th position of its row
+
+_HEADER = r"""
+__device__ __forceinline__ float qla_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float qla_float(__half x) { return __half2float(x); }
+"""
+
+# Block (kv_head, row): lanes hold 4 of the 128 head dims, warps stride over the row's
+# positions, each warp keeping an online softmax (running max, sum, output) per query head of
+# the group; the warps' partial results are merged through shared memory at the end.
+_SOURCE = r"""
+  constexpr int PER = D / 32;
+  const int kv_head = blockIdx.x;
+  const int b = blockIdx.y;
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int kL = k_shape[2];
+  const int hq = q_shape[1];
+  const int start = left_padding[b];
+
+  float qv[G][PER];
+#pragma unroll
+  for (int g = 0; g < G; ++g) {
+    const T* qp = q + b * q_strides[0] + (kv_head * G + g) * q_strides[1] + lane * PER;
+#pragma unroll
+    for (int i = 0; i < PER; ++i) qv[g][i] = qla_float(qp[i]) * SCALE_LOG2;
+  }
+  float m[G], l[G], o[G][PER];
+#pragma unroll
+  for (int g = 0; g < G; ++g) {
+    m[g] = -1e30f;
+    l[g] = 0.0f;
+#pragma unroll
+    for (int i = 0; i < PER; ++i) o[g][i] = 0.0f;
+  }
+  const T* kp = k + b * k_strides[0] + kv_head * k_strides[1] + lane * PER;
+  const T* vp = v + b * v_strides[0] + kv_head * v_strides[1] + lane * PER;
+#pragma unroll 2
+  for (int pos = start + warp; pos < kL; pos += W) {
+    const T* kr = kp + (size_t)pos * k_strides[2];
+    const T* vr = vp + (size_t)pos * v_strides[2];
+    float kf[PER], vf[PER];
+#pragma unroll
+    for (int i = 0; i < PER; ++i) {
+      kf[i] = qla_float(kr[i]);
+      vf[i] = qla_float(vr[i]);
+    }
+    float s[G];
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+      s[g] = 0.0f;
+#pragma unroll
+      for (int i = 0; i < PER; ++i) s[g] += qv[g][i] * kf[i];
+    }
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) {
+#pragma unroll
+      for (int g = 0; g < G; ++g) s[g] += __shfl_xor_sync(0xffffffffu, s[g], off);
+    }
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+      const float nm = fmaxf(m[g], s[g]);
+      const float f = exp2f(m[g] - nm);
+      const float e = exp2f(s[g] - nm);
+      l[g] = l[g] * f + e;
+#pragma unroll
+      for (int i = 0; i < PER; ++i) o[g][i] = o[g][i] * f + e * vf[i];
+      m[g] = nm;
+    }
+  }
+
+  __shared__ float sm_m[W][G];
+  __shared__ float sm_l[W][G];
+  __shared__ float sm_o[W][G][D];
+#pragma unroll
+  for (int g = 0; g < G; ++g) {
+    if (lane == 0) {
+      sm_m[warp][g] = m[g];
+      sm_l[warp][g] = l[g];
+    }
+#pragma unroll
+    for (int i = 0; i < PER; ++i) sm_o[warp][g][lane * PER + i] = o[g][i];
+  }
+  __syncthreads();
+  for (int t = threadIdx.x; t < G * D; t += W * 32) {
+    const int g = t / D;
+    const int d = t - g * D;
+    float mx_ = -1e30f;
+#pragma unroll
+    for (int w = 0; w < W; ++w) mx_ = fmaxf(mx_, sm_m[w][g]);
+    float total = 0.0f, acc = 0.0f;
+#pragma unroll
+    for (int w = 0; w < W; ++w) {
+      const float f = exp2f(sm_m[w][g] - mx_);
+      total += sm_l[w][g] * f;
+      acc += sm_o[w][g][d] * f;
+    }
+    out[((size_t)b * hq + kv_head * G + g) * D + d] = static_cast<T>(total > 0.0f ? acc / total : 0.0f);
+  }
+"""
+
+
+def _minify(code: str) -> str:
+    lines = [line.strip() for line in code.splitlines()]
+    return "\n".join(line for line in lines if line) + "\n"
+
+
+@cache
+def _kernel(head_dim: int, group: int, scale: float, dtype: mx.Dtype) -> object:
+    bf16 = dtype == mx.bfloat16
+    consts = (
+        f"using T = {'__nv_bfloat16' if bf16 else '__half'};\n"
+        f"constexpr int D = {head_dim};\nconstexpr int G = {group};\n"
+        f"constexpr int W = {_WARPS};\n"
+        f"constexpr float SCALE_LOG2 = {scale * math.log2(math.e)!r}f;\n"
+    )
+    tag = "bf16" if bf16 else "f16"
+    return mx.fast.cuda_kernel(
+        name=f"batch_decode_attention_d{head_dim}_g{group}_{tag}_{abs(hash(scale)) % 10**8}",
+        input_names=["q", "k", "v", "left_padding"],
+        output_names=["out"],
+        source=consts + _minify(_SOURCE),
+        header=_HEADER,
+        ensure_row_contiguous=False,
+    )
+
+
+def decode_attention_supported(queries: mx.array, keys: mx.array) -> bool:
+    """Shapes and dtypes the kernel handles: one query position, head dims a multiple of 32
+    up to 256, whole groups of query heads per key head, half-precision activations."""
+    heads, kv_heads, head_dim = queries.shape[1], keys.shape[1], queries.shape[-1]
+    return (
+        queries.shape[2] == 1
+        and head_dim % 32 == 0
+        and head_dim <= 256
+        and heads % kv_heads == 0
+        and heads // kv_heads * head_dim <= 1024  # the warps' partial outputs: 32 KB of smem
+        and queries.dtype in (mx.bfloat16, mx.float16)
+        and keys.dtype == queries.dtype
+        and keys.strides[-1] == 1
+    )
+
+
+def batch_decode_attention(
+    queries: mx.array, keys: mx.array, values: mx.array, left_padding: mx.array, scale: float
+) -> mx.array:
+    """Attention of one query position a row over positions [left_padding[b], kL) of row b.
+
+    ``queries`` (B, Hq, 1, D); ``keys``/``values`` (B, Hkv, kL, D), read in place (a view of the
+    cache buffer is fine: strides are passed); ``left_padding`` (B,) int32. Returns (B, Hq, 1, D)
+    in the query dtype. Check ``decode_attention_supported`` first.
+    """
+    rows, heads, _, head_dim = queries.shape
+    kv_heads = keys.shape[1]
+    if left_padding.dtype != mx.int32:
+        left_padding = left_padding.astype(mx.int32)
+    kernel = _kernel(head_dim, heads // kv_heads, float(scale), queries.dtype)
+    return kernel(  # type: ignore[operator, no-any-return]
+        inputs=[queries, keys, values, left_padding],
+        grid=(kv_heads * 32 * _WARPS, rows, 1),
+        threadgroup=(32 * _WARPS, 1, 1),
+        output_shapes=[(rows, heads, 1, head_dim)],
+        output_dtypes=[queries.dtype],
+    )[0]
+
+
+def reference_decode_attention(
+    queries: mx.array, keys: mx.array, values: mx.array, left_padding: mx.array, scale: float
+) -> mx.array:
+    """What ``batch_decode_attention`` computes, with MLX's own attention and a boolean mask."""
+    positions = mx.arange(keys.shape[2])
+    mask = positions[None, None, None, :] >= left_padding[:, None, None, None]
+    return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale, mask=mask)
+
+
+def enable_batch_decode_attention(model: nn.Module, force: bool = False) -> int:
+    """Turns the kernel on in every attention module that offers it (`batch_decode_kernel`);
+    only on a CUDA GPU unless ``force``. Returns how many modules use it."""
+    if not force and not cuda_gpu_is_default():
+        return 0
+    count = 0
+    for _, module in model.named_modules():
+        if hasattr(module, "batch_decode_kernel"):
+            module.batch_decode_kernel = True
+            count += 1
+    return count
