@@ -374,11 +374,7 @@ def decode_tps(model: nn.Module, batch: int, steps: int, warm: int = 3) -> float
 POLICIES: dict[str, dict[str, float]] = {
     "accelerated": {},
     "flatten_only": {"_FUSED_MAX_ROWS": 0},
-    "fused_up_to_32_rows": {
-        "_FUSED_MIN_OUT": 0,
-        "_GEMV_ROWS_FUSED_MIN_WEIGHTS": 0,
-        "_FUSED_MIN_WEIGHTS": 0,
-    },
+    "fused_at_one_row_too": {"_FUSED_ONE_ROW_MIN_WEIGHTS": 0},
 }
 
 

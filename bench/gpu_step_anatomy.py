@@ -22,6 +22,9 @@ and the server's CUDA defaults, then prints one table per part:
 
 Part 1 runs the batch cache twice: MLX's masked attention, then the decode-attention kernel.
 
+7. Batched steps by quantized-matmul path: the server's choice against the fused kernel on
+   every layer (and on every layer but the narrow k/v projections).
+
 `--parts` picks which (e.g. `1,5`).
 
     python bench/gpu_step_anatomy.py --rows 1,64 --lengths 16,256,640
@@ -331,6 +334,43 @@ def part_one_row_paths(model: Any, args: Any, length: int, steps: int) -> None:
         layer.force_path = None
 
 
+def part_batch_paths(model: Any, args: Any, rows: list[int], length: int, steps: int) -> None:
+    import mlx.core as mx
+
+    from mlx_llm_server.kernels.quantized_linear import (
+        AcceleratedQuantizedEmbedding,
+        AcceleratedQuantizedLinear,
+    )
+
+    print(f"\n## 7. Batched steps by matmul path, KV length {length} (ms a step)\n", flush=True)
+    print("| rows | server's choice | fused kernel, every layer | fused kernel, but k/v |")
+    print("|---:|---:|---:|---:|")
+    layers = [
+        (name, m)
+        for name, m in model.named_modules()
+        if isinstance(m, AcceleratedQuantizedLinear | AcceleratedQuantizedEmbedding)
+    ]
+    kv = ("k_proj", "v_proj")
+    choices = [
+        lambda name: None,
+        lambda name: "fused",
+        lambda name: None if name.endswith(kv) else "fused",
+    ]
+    set_decode_kernel(model, True)
+    for count in rows:
+        figures = []
+        for pick in choices:
+            for name, layer in layers:
+                layer.force_path = pick(name)
+            cache = batch_caches(args, count, length, steps, padded=True)
+            figures.append(steady_ms(model, cache, count, steps)[0])
+            del cache
+            mx.clear_cache()
+        print(f"| {count} | " + " | ".join(f"{f:.2f}" for f in figures) + " |", flush=True)
+    for _, layer in layers:
+        layer.force_path = None
+
+
 def per_call_us(action: Callable[[], Any], calls: int = 40) -> float:
     import mlx.core as mx
 
@@ -481,6 +521,8 @@ def main() -> int:
         part_one_row_paths(model, model_args, 256, args.steps)
     if 5 in parts:
         part_layer_ops(model, model_args, max(rows), max(lengths))
+    if 7 in parts:
+        part_batch_paths(model, model_args, [r for r in rows if r > 1], max(lengths), args.steps)
     return 0
 
 

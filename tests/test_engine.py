@@ -135,8 +135,11 @@ def test_rows_joining_and_leaving_decode_as_if_alone(
     assert bool(kernel_calls) == (mode == "decode-attention-kernel")
 
 
-def test_warm_up_runs_every_sampling_feature_and_leaves_no_trace(tiny_qwen3_dir: Path) -> None:
-    """On a GPU each sampling feature's first use compiles a kernel: the warm-up pays for all."""
+def test_warm_up_runs_every_sampling_feature_and_leaves_no_trace(
+    tiny_qwen3_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a GPU each sampling feature's (and each matmul row class's) first use compiles a
+    kernel: the warm-up pays for all."""
     from mlx_llm_server.engine.sampling import SamplingBatch
 
     seen: list[SamplingParams] = []
@@ -146,11 +149,20 @@ def test_warm_up_runs_every_sampling_feature_and_leaves_no_trace(tiny_qwen3_dir:
         seen.extend(self.params)
         return original(self, logits)
 
+    rows_seen: set[int] = set()
+
     async def run() -> Engine:
         engine = Engine(EngineConfig(max_running=8, prefill_chunk=64))
 
         def setup() -> EngineModel:
             loaded = load(str(tiny_qwen3_dir))
+            forward = type(loaded.model).__call__
+
+            def recording_forward(model: object, inputs: mx.array, **kwargs: object) -> object:
+                rows_seen.add(inputs.size)
+                return forward(model, inputs, **kwargs)
+
+            monkeypatch.setattr(type(loaded.model), "__call__", recording_forward)
             return EngineModel(loaded.model, loaded.vocab_size)
 
         await asyncio.wrap_future(engine.start(setup))
@@ -172,6 +184,8 @@ def test_warm_up_runs_every_sampling_feature_and_leaves_no_trace(tiny_qwen3_dir:
     assert stats.running == stats.waiting == stats.prefix_cache_entries == 0
     assert stats.decode_steps == stats.prompt_tokens_computed == 0
     assert stats.prefill_seconds == stats.decode_seconds == 0
+    # Quantized matmuls pick kernels by rows: the warm-up reaches 64 rows with 8 sequences.
+    assert {8, 16, 32, 64} <= rows_seen
 
 
 def engine_on(model_dir: Path, **config: int) -> Engine:

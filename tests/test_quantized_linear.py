@@ -139,13 +139,10 @@ def test_path_choice_and_support() -> None:
     assert choose_path(1, 4096, 4096) == "stock"
     assert choose_path(1, 12288, 4096) == "stock"  # host cost beats the GPU saving
     assert choose_path(1, 151936, 4096) == "fused"
-    assert choose_path(4, 12288, 4096) == "fused"  # stock runs one GEMV per row
-    assert choose_path(4, 4096, 12288) == "fused"
-    assert choose_path(4, 4096, 4096) == "stock"
-    assert choose_path(4, 1024, 4096) == "stock"
-    assert choose_path(16, 12288, 4096) == "stock"
-    assert choose_path(32, 151936, 4096) == "fused"
-    assert choose_path(64, 151936, 4096) == "stock"
+    for rows in (2, 4, 16, 32, 64):  # a decode step: every layer, k/v included
+        for n, k in ((4096, 4096), (1024, 4096), (12288, 4096), (4096, 12288), (151936, 4096)):
+            assert choose_path(rows, n, k) == "fused"
+    assert choose_path(65, 4096, 4096) == "stock"
     assert choose_path(4096, 4096, 4096) == "dequant"
     assert choose_path(4096, 1024, 4096) == "stock"
     assert fused_supported(4096, 151936, 64, 4, mx.bfloat16)
@@ -171,9 +168,8 @@ def test_routing_on_a_cuda_device(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(ql, "_on_gpu", lambda: True)
     monkeypatch.setattr(ql, "fused_quantized_matmul", fake_fused)
     # Thresholds scaled to a 256x256 layer.
-    monkeypatch.setattr(ql, "_FUSED_MIN_OUT", 1)
-    monkeypatch.setattr(ql, "_GEMV_ROWS_FUSED_MIN_WEIGHTS", 1)
-    monkeypatch.setattr(ql, "_FUSED_MIN_WEIGHTS", 2**40)
+    monkeypatch.setattr(ql, "_FUSED_MAX_ROWS", 8)
+    monkeypatch.setattr(ql, "_FUSED_ONE_ROW_MIN_WEIGHTS", 2**40)
     monkeypatch.setattr(ql, "_DEQUANT_MIN_ROWS", 64)
     monkeypatch.setattr(ql, "_DEQUANT_MIN_WEIGHTS", 1)
 

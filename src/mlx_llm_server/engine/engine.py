@@ -85,6 +85,7 @@ WARM_UP_SAMPLING = (
 
 
 CACHE_CLEAR_STEPS = 256
+WARM_UP_PROMPT_ROWS = (8, 16, 32, 64)
 
 
 @dataclass(frozen=True)
@@ -363,6 +364,12 @@ class Engine:
         for sequence in sequences:
             sequence.cancelled = True
         self._step(block=False)
+        # Matmuls pick kernels by their number of rows (tokens in the batch); prompts of these
+        # lengths reach the classes a small `max_running` never decodes at.
+        for length in WARM_UP_PROMPT_ROWS:
+            if length <= self.config.prefill_chunk:
+                tokens = mx.zeros((1, length), dtype=mx.int32)
+                evaluate(self.model(tokens, cache=make_prompt_cache(self.model)))
         self._outbox = []
         self.prefix_cache.clear()
         self.prefix_cache.hits = self.prefix_cache.misses = 0
