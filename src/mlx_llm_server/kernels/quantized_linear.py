@@ -6,7 +6,8 @@ on a 2-D input it still runs one GEMV per row below 8 rows. This module adds a t
 kernel, compiled at first use through ``mx.fast.cuda_kernel``, that reads each 4-bit weight tile
 once for all rows, and a drop-in replacement for ``nn.QuantizedLinear`` that picks per call
 between that kernel, the stock op on the rows flattened to 2-D, and dequantize + matmul
-(``choose_path``; the figures behind it are in bench/NOTES.md, "4-bit matmul on NVIDIA").
+(``choose_path``; the figures behind it are in bench/NOTES.md, "4-bit matmul on NVIDIA" and
+"NVIDIA, night runs").
 
 The parameters stay exactly as MLX stores them (affine, 4 bits, ``weight``/``scales``/
 ``biases``), so checkpoints load unchanged.
