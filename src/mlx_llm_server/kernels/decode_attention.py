@@ -4,10 +4,10 @@ A running batch keeps every row's keys right-aligned in one buffer, so a row tha
 starts after some left padding. mlx-lm hands that to attention as a boolean mask, and MLX's CUDA
 backend (0.32) has no fused kernel for an array mask: it falls back to a matmul, a masked
 softmax and a second matmul, 473 us a layer for 64 rows of 640 positions on an H100 against
-182 us for its fused kernel without a mask (bench/NOTES.md, "step anatomy"). This kernel takes
-each row's padding instead of a mask and starts that row's loop after it, so padded positions
-cost nothing; the query heads that share a key/value head (grouped-query attention) are done
-together, so each key and value is read once for all of them.
+182 us for its fused kernel without a mask (bench/NOTES.md, "NVIDIA, night runs"). This kernel
+takes each row's padding instead of a mask and starts that row's loop after it, so padded
+positions cost nothing; the query heads that share a key/value head (grouped-query attention)
+are done together, so each key and value is read once for all of them.
 
 Reference semantics (`reference_decode_attention`): softmax(q k^T * scale) v over positions
 [left_padding[b], kL) of row b, float32 accumulation, the query dtype out.
@@ -37,7 +37,7 @@ __device__ __forceinline__ float qla_float(__nv_bfloat16 x) { return __bfloat162
 __device__ __forceinline__ float qla_float(__half x) { return __half2float(x); }
 """
 
-# Block (kv_head, row): lanes hold 4 of the 128 head dims, warps stride over the row's
+# Block (kv_head, row): each lane holds D / 32 of the head dims, warps stride over the row's
 # positions, each warp keeping an online softmax (running max, sum, output) per query head of
 # the group; the warps' partial results are merged through shared memory at the end.
 _SOURCE = r"""
@@ -178,8 +178,9 @@ def batch_decode_attention(
     """Attention of one query position a row over positions [left_padding[b], kL) of row b.
 
     ``queries`` (B, Hq, 1, D); ``keys``/``values`` (B, Hkv, kL, D), read in place (a view of the
-    cache buffer is fine: strides are passed); ``left_padding`` (B,) int32. Returns (B, Hq, 1, D)
-    in the query dtype. Check ``decode_attention_supported`` first.
+    cache buffer is fine: strides are passed; the head dim must be contiguous, as in KV caches
+    and RoPE outputs); ``left_padding`` (B,) int32. Returns (B, Hq, 1, D) in the query dtype.
+    Check ``decode_attention_supported`` first.
     """
     rows, heads, _, head_dim = queries.shape
     kv_heads = keys.shape[1]
