@@ -297,21 +297,23 @@ def part_sampling(rows: int, vocab: int) -> None:
         print(f"| {name} | {statistics.median(times[2:]):.2f} |", flush=True)
 
 
-def part_one_row_paths(model: Any, args: Any, length: int, steps: int) -> None:
-    import mlx.core as mx
-
+def accelerated_layers(model: Any) -> list[tuple[str, Any]]:
+    """(name, layer) of every accelerated quantized layer: their `force_path` pins a path."""
     from mlx_llm_server.kernels.quantized_linear import (
         AcceleratedQuantizedEmbedding,
         AcceleratedQuantizedLinear,
     )
 
+    accelerated = AcceleratedQuantizedLinear | AcceleratedQuantizedEmbedding
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, accelerated)]
+
+
+def part_one_row_paths(model: Any, args: Any, length: int, steps: int) -> None:
+    import mlx.core as mx
+
     print(f"\n## 4. One row by matmul path, KV length {length} (ms)\n", flush=True)
     print("| path | step | build | unpipelined: build / evaluate |\n|---|---:|---:|---|")
-    layers = [
-        (name, m)
-        for name, m in model.named_modules()
-        if isinstance(m, AcceleratedQuantizedLinear | AcceleratedQuantizedEmbedding)
-    ]
+    layers = accelerated_layers(model)
     mlp = ("gate_proj", "up_proj", "down_proj")
     choices = {
         "server's choice": lambda name: None,
@@ -337,19 +339,10 @@ def part_one_row_paths(model: Any, args: Any, length: int, steps: int) -> None:
 def part_batch_paths(model: Any, args: Any, rows: list[int], length: int, steps: int) -> None:
     import mlx.core as mx
 
-    from mlx_llm_server.kernels.quantized_linear import (
-        AcceleratedQuantizedEmbedding,
-        AcceleratedQuantizedLinear,
-    )
-
     print(f"\n## 7. Batched steps by matmul path, KV length {length} (ms a step)\n", flush=True)
     print("| rows | server's choice | fused kernel, every layer | fused kernel, but k/v |")
     print("|---:|---:|---:|---:|")
-    layers = [
-        (name, m)
-        for name, m in model.named_modules()
-        if isinstance(m, AcceleratedQuantizedLinear | AcceleratedQuantizedEmbedding)
-    ]
+    layers = accelerated_layers(model)
     kv = ("k_proj", "v_proj")
     choices = [
         lambda name: None,
