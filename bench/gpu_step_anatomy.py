@@ -49,13 +49,19 @@ sys.path.insert(0, str(ROOT / "bench"))
 KV_STEP = 256  # mlx-lm grows a KV cache in steps of this many positions
 
 
-def load_model(folder: Path) -> tuple[Any, Any]:
+def load_model(folder: Path, tokenizer_dir: Path | None = None) -> tuple[Any, Any]:
+    """The server's model from `folder` (built there first if missing), accelerated as the
+    server does it."""
     import mlx.core as mx
 
     from mlx_llm_server.cli import CUDA_DEFAULTS, limit_buffer_cache
     from mlx_llm_server.kernels.quantized_linear import accelerate_quantized_layers
     from mlx_llm_server.models.loader import load
 
+    if not (folder / "config.json").exists():
+        from serve_bench import build_model
+
+        build_model("qwen3-8b-4bit", folder, tokenizer_dir)
     for name, value in CUDA_DEFAULTS.items():
         os.environ.setdefault(name, value)
     limit_buffer_cache(4.0)
@@ -492,13 +498,9 @@ def main() -> int:
     parser.add_argument("--rows", default="1,64")
     parser.add_argument("--lengths", default="16,256,640")
     parser.add_argument("--steps", type=int, default=24)
-    parser.add_argument("--parts", default="6,1,2,3,4,5")
+    parser.add_argument("--parts", default="6,1,2,3,4,5,7")
     args = parser.parse_args()
-    if not (args.model / "config.json").exists():
-        from serve_bench import build_model
-
-        build_model("qwen3-8b-4bit", args.model, args.tokenizer_dir)
-    model, model_args = load_model(args.model)
+    model, model_args = load_model(args.model, args.tokenizer_dir)
     rows = [int(r) for r in args.rows.split(",")]
     lengths = [int(n) for n in args.lengths.split(",")]
     parts = {int(p) for p in args.parts.split(",")}

@@ -31,11 +31,7 @@ def run(rows: int, length: int, steps: int, model_dir: Path) -> None:
     import mlx.core as mx
     from gpu_step_anatomy import batch_caches, load_model, plain_caches, set_decode_kernel
 
-    if not (model_dir / "config.json").exists():
-        from serve_bench import build_model
-
-        build_model("qwen3-8b-4bit", model_dir, ROOT / ".gpu" / "tokenizer")
-    model, args = load_model(model_dir)
+    model, args = load_model(model_dir, ROOT / ".gpu" / "tokenizer")
     set_decode_kernel(model, True)
     if rows == 1:
         cache = plain_caches(args, 1, length, steps)
