@@ -49,12 +49,15 @@ sys.path.insert(0, str(ROOT / "bench"))
 KV_STEP = 256  # mlx-lm grows a KV cache in steps of this many positions
 
 
-def load_model(folder: Path, tokenizer_dir: Path | None = None) -> tuple[Any, Any]:
+def load_model(
+    folder: Path, tokenizer_dir: Path | None = None, fuse: bool = True
+) -> tuple[Any, Any]:
     """The server's model from `folder` (built there first if missing), accelerated as the
-    server does it."""
+    server does it (`fuse`: with q/k/v and gate/up fused, as the server serves it)."""
     import mlx.core as mx
 
     from mlx_llm_server.cli import CUDA_DEFAULTS, limit_buffer_cache
+    from mlx_llm_server.kernels.fused_projections import fuse_projections
     from mlx_llm_server.kernels.quantized_linear import accelerate_quantized_layers
     from mlx_llm_server.models.loader import load
 
@@ -66,8 +69,13 @@ def load_model(folder: Path, tokenizer_dir: Path | None = None) -> tuple[Any, An
         os.environ.setdefault(name, value)
     limit_buffer_cache(4.0)
     loaded = load(str(folder))
+    fused = fuse_projections(loaded.model) if fuse else 0
     swapped = accelerate_quantized_layers(loaded.model)
-    print(f"model loaded; accelerated layers: {swapped}; device {mx.default_device()}", flush=True)
+    print(
+        f"model loaded; fused projections: {fused}; accelerated layers: {swapped}; "
+        f"device {mx.default_device()}",
+        flush=True,
+    )
     return loaded.model, loaded.model.args
 
 

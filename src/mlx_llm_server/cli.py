@@ -311,6 +311,7 @@ def model_starter(
         def setup() -> EngineModel:
             from .kernels.compiled_decode import compile_decode_blocks
             from .kernels.decode_attention import enable_batch_decode_attention
+            from .kernels.fused_projections import fuse_projections
             from .kernels.quantized_linear import accelerate_quantized_layers
             from .text.grammar import apply_grammar_masks
 
@@ -322,6 +323,10 @@ def model_starter(
                 estimate_nbytes(path) / 1e9,
             )
             model = load(spec.name, context_length=args.context_length)
+            # One matmul for q/k/v and one for gate/up on NVIDIA GPUs (models that offer it:
+            # Qwen3); the compiled blocks trace the separate projections, so not with those.
+            if not args.compiled_decode and fuse_projections(model.model):
+                logger.info("%s: q/k/v and gate/up projections fused", spec.model_id)
             # Faster batched 4-bit matmuls on NVIDIA GPUs; a no-op elsewhere.
             replaced = accelerate_quantized_layers(model.model)
             if replaced:

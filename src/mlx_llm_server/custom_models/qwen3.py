@@ -21,6 +21,7 @@ from mlx_lm.models.cache import BatchKVCache
 from mlx_lm.models.rope_utils import initialize_rope
 
 from ..kernels import decode_attention
+from ..kernels.fused_projections import concatenate_linears
 
 
 @dataclass
@@ -88,18 +89,38 @@ class Attention(nn.Module):
             max_position_embeddings=args.max_position_embeddings,
         )
 
+    def fuse_projections(self) -> bool:
+        """Replaces q/k/v_proj by one `qkv_proj` (kernels/fused_projections.py)."""
+        if "qkv_proj" in self:
+            return False
+        fused = concatenate_linears([self.q_proj, self.k_proj, self.v_proj])
+        if fused is None:
+            return False
+        self.qkv_proj = fused
+        del self.q_proj, self.k_proj, self.v_proj
+        return True
+
     def __call__(
         self, x: mx.array, mask: mx.array | str | None = None, cache: Any = None
     ) -> mx.array:
         B, L, _ = x.shape
 
-        queries, keys, values = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-
-        # (B, L, heads * head_dim) -> (B, heads, L, head_dim). q_norm/k_norm normalise each
+        # (B, L, heads * head_dim) -> (B, L, heads, head_dim). q_norm/k_norm normalise each
         # head over head_dim, after the split into heads and before RoPE.
-        queries = self.q_norm(queries.reshape(B, L, self.n_heads, -1)).transpose(0, 2, 1, 3)
-        keys = self.k_norm(keys.reshape(B, L, self.n_kv_heads, -1)).transpose(0, 2, 1, 3)
-        values = values.reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        if "qkv_proj" in self:
+            heads = self.qkv_proj(x).reshape(B, L, self.n_heads + 2 * self.n_kv_heads, -1)
+            kv_end = self.n_heads + self.n_kv_heads
+            queries = heads[:, :, : self.n_heads]
+            keys, values = heads[:, :, self.n_heads : kv_end], heads[:, :, kv_end:]
+        else:
+            queries = self.q_proj(x).reshape(B, L, self.n_heads, -1)
+            keys = self.k_proj(x).reshape(B, L, self.n_kv_heads, -1)
+            values = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1)
+
+        # -> (B, heads, L, head_dim)
+        queries = self.q_norm(queries).transpose(0, 2, 1, 3)
+        keys = self.k_norm(keys).transpose(0, 2, 1, 3)
+        values = values.transpose(0, 2, 1, 3)
 
         if cache is not None:
             # New tokens sit at positions offset..offset+L. A batched cache keeps one offset per
@@ -139,8 +160,23 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(hidden_dim, dim, bias=False)
         self.up_proj = nn.Linear(dim, hidden_dim, bias=False)
 
+    def fuse_projections(self) -> bool:
+        """Replaces gate/up_proj by one `gate_up_proj` (kernels/fused_projections.py)."""
+        if "gate_up_proj" in self:
+            return False
+        fused = concatenate_linears([self.gate_proj, self.up_proj])
+        if fused is None:
+            return False
+        self.gate_up_proj = fused
+        del self.gate_proj, self.up_proj
+        return True
+
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        if "gate_up_proj" in self:
+            gate, up = mx.split(self.gate_up_proj(x), 2, axis=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(nn.silu(gate) * up)
 
 
 class TransformerBlock(nn.Module):

@@ -48,11 +48,16 @@ class FusedConfig:
     mt: 8-row tiles of the activations per block (the kernel's MMA "n" side).
     rt: 16-row tiles of the weight matrix per warp (reuse of each activation fragment).
     kw: warps per block, each summing a share of K (reduced in shared memory).
+    nw: warps per block that own different 16-row weight tiles and share one copy of the
+        activations staged in shared memory (``rt`` is then 1). With 1, every warp reads its
+        activation fragments from global memory itself: at 64 rows those re-reads, one per 16
+        output features, move 15x the weights' bytes through L2 and bound the kernel.
     """
 
     mt: int
     rt: int
     kw: int
+    nw: int = 1
 
 
 # Device helpers. The MMA computes W (16 output features) x X^T (8 activation rows), so the
@@ -264,6 +269,164 @@ _SOURCE = r"""
 """
 
 
+# Staged kernel body. Block: NW x KW warps; warp (nw, kw) owns output rows n0 + 16 nw + g (+8)
+# and every KW-th chunk of 256 K, as in the body above, but the block's COLS activation rows
+# of the KW chunks in flight are copied once into shared memory (cp.async, two stages: the next
+# chunks load while these are multiplied) and all NW warps read their fragments from there.
+# Within a row of 32 16-byte words, word q sits at q ^ (bit 3 of q | (row & 1) << 1): the 8
+# lanes of a quarter-warp then read 8 different bank groups. Rows past M are zero-filled.
+_STAGED_SOURCE = r"""
+  constexpr int ROWS = 16 * NW;
+  constexpr int COLS = 8 * MT;
+  constexpr int LD = ROWS + 4;
+  constexpr int NT = 32 * NW * KW;
+  constexpr int STAGE = KW * COLS * 32;  // 16-byte words a stage holds
+  const int K = x_shape[x_ndim - 1];
+  int M = 1;
+#pragma unroll
+  for (int i = 0; i < 9; ++i) M *= i < x_ndim - 1 ? x_shape[i] : 1;
+  const int N = w_shape[0];
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int nw = warp % NW;
+  const int kw = warp / NW;
+  const int g = lane >> 2;
+  const int t = lane & 3;
+  const int n0 = blockIdx.x * ROWS + nw * 16;
+  const int m0 = blockIdx.y * COLS;
+  const int nchunks = K / 256;
+  const int iters = (nchunks + KW - 1) / KW;
+  const int kwords = K / 8;
+  const int ngroups = K / GS;
+  const uint16_t* sp = reinterpret_cast<const uint16_t*>(scales);
+  const uint16_t* bp = reinterpret_cast<const uint16_t*>(biases);
+  const uint4* xv = reinterpret_cast<const uint4*>(x);
+  extern __shared__ uint4 qlx_smem[];
+
+  float acc[MT][4];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) acc[mt][i] = 0.0f;
+
+#define QLX_STAGE(IT, BUF)                                                                 \
+  for (int idx = threadIdx.x; idx < STAGE; idx += NT) {                                    \
+    const int q = idx & 31;                                                                \
+    const int r = (idx >> 5) % COLS;                                                       \
+    const int s = idx / (32 * COLS);                                                       \
+    const int cc = (IT) * KW + s;                                                          \
+    const bool ok = cc < nchunks && m0 + r < M;                                            \
+    const uint4* src = xv + (ok ? (size_t)(m0 + r) * (K / 8) + cc * 32 + q : 0);         \
+    const int qs = q ^ (((q >> 3) & 1) | ((r & 1) << 1));                                  \
+    const uint32_t dst = (uint32_t)__cvta_generic_to_shared(                               \
+        qlx_smem + (BUF) * STAGE + (s * COLS + r) * 32 + qs);                              \
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),   \
+                 "r"(ok ? 16 : 0));                                                        \
+  }                                                                                        \
+  asm volatile("cp.async.commit_group;\n" ::);
+
+#define QLX_LOAD(C, WV, SV, BV)                                                      \
+  _Pragma("unroll") for (int hi = 0; hi < 2; ++hi) {                                 \
+    const size_t row = (size_t)(n0 + g + 8 * hi);                                    \
+    const uint4* wr = reinterpret_cast<const uint4*>(w + row * kwords + (C) * 32);   \
+    _Pragma("unroll") for (int h = 0; h < 2; ++h) {                                  \
+      WV[hi][h] = wr[h * 4 + t];                                                     \
+      const int grp = ((C) * 256 + h * 128 + 32 * t) / GS;                           \
+      SV[hi][h] = sp[row * ngroups + grp];                                           \
+      BV[hi][h] = bp[row * ngroups + grp];                                           \
+    }                                                                                \
+  }
+
+  uint4 wc[2][2];
+  uint16_t sc[2][2], bc[2][2];
+  if (kw < nchunks) {
+    QLX_LOAD(kw, wc, sc, bc)
+  }
+  QLX_STAGE(0, 0)
+  for (int it = 0; it < iters; ++it) {
+    if (it + 1 < iters) {
+      QLX_STAGE(it + 1, (it + 1) & 1)
+      asm volatile("cp.async.wait_group 1;\n" ::);
+    } else {
+      asm volatile("cp.async.wait_group 0;\n" ::);
+    }
+    __syncthreads();
+    const int c = it * KW + kw;
+    if (c < nchunks) {
+      uint4 wn[2][2];
+      uint16_t sn[2][2], bn[2][2];
+      const bool more = c + KW < nchunks;
+      if (more) {
+        QLX_LOAD(c + KW, wn, sn, bn)
+      }
+      const uint4* xs = qlx_smem + (it & 1) * STAGE + kw * COLS * 32;
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        uint32_t s2[2], b2[2];
+#pragma unroll
+        for (int hi = 0; hi < 2; ++hi) {
+          s2[hi] = (uint32_t)sc[hi][h] * 0x10001u;
+          b2[hi] = (uint32_t)bc[hi][h] * 0x10001u;
+        }
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const int q = h * 16 + 4 * t + j;
+          const int qs = q ^ (((q >> 3) & 1) | ((g & 1) << 1));
+          uint32_t d0[4], d1[4];
+          qlx_dequant8(qlx_word(wc[0][h], j), s2[0], b2[0], d0, BF16);
+          qlx_dequant8(qlx_word(wc[1][h], j), s2[1], b2[1], d1, BF16);
+#pragma unroll
+          for (int mt = 0; mt < MT; ++mt) {
+            uint32_t xp[4];
+            qlx_xpairs(xs[(mt * 8 + g) * 32 + qs], xp);
+            qlx_mma(acc[mt], d0[0], d1[0], d0[1], d1[1], xp[0], xp[1], BF16);
+            qlx_mma(acc[mt], d0[2], d1[2], d0[3], d1[3], xp[2], xp[3], BF16);
+          }
+        }
+      }
+      if (more) {
+#pragma unroll
+        for (int hi = 0; hi < 2; ++hi)
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            wc[hi][h] = wn[hi][h];
+            sc[hi][h] = sn[hi][h];
+            bc[hi][h] = bn[hi][h];
+          }
+      }
+    }
+    __syncthreads();
+  }
+#undef QLX_LOAD
+#undef QLX_STAGE
+
+  // The stages are free now: sum the KW partials in a fixed order there, store coalesced.
+  float* red = reinterpret_cast<float*>(qlx_smem);
+  float* mine = red + kw * (COLS * LD);
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int mm = mt * 8 + 2 * t + (i & 1);
+      const int nn = nw * 16 + g + 8 * (i >> 1);
+      mine[mm * LD + nn] = acc[mt][i];
+    }
+  __syncthreads();
+  const int nb = blockIdx.x * ROWS;
+  for (int idx = threadIdx.x; idx < ROWS * COLS; idx += NT) {
+    const int mm = idx / ROWS;
+    const int nn = idx - mm * ROWS;
+    if (m0 + mm >= M) {
+      break;
+    }
+    float s = 0.0f;
+#pragma unroll
+    for (int k = 0; k < KW; ++k) s += red[k * (COLS * LD) + mm * LD + nn];
+    y[(size_t)(m0 + mm) * N + nb + nn] = static_cast<T>(s);
+  }
+"""
+
+
 def _minify(code: str) -> str:
     """Drop comments and indentation: MLX copies the whole source into every call's graph node."""
     lines = []
@@ -290,11 +453,16 @@ def kernel_source(cfg: FusedConfig, group_size: int, dtype: mx.Dtype) -> tuple[s
         f"constexpr int KW = {cfg.kw};\nconstexpr int GS = {group_size};\n"
         f"constexpr bool BF16 = {'true' if bf16 else 'false'};\n"
     )
-    return _HEADER_MIN, consts + _minify(_SOURCE)
+    consts += f"constexpr int NW = {cfg.nw};\n"
+    return _HEADER_MIN, consts + _minify(_STAGED_SOURCE if cfg.nw > 1 else _SOURCE)
 
 
 def _shared_bytes(cfg: FusedConfig) -> int:
-    return cfg.kw * (8 * cfg.mt) * (16 * cfg.rt + 4) * 4
+    reduction = cfg.kw * (8 * cfg.mt) * (16 * cfg.rt * cfg.nw + 4) * 4
+    if cfg.nw == 1:
+        return reduction
+    stages = 2 * cfg.kw * (8 * cfg.mt) * 512  # two stages of KW chunks x rows x 256 K x 2 B
+    return max(stages, reduction)
 
 
 @cache
@@ -302,7 +470,7 @@ def _kernel(cfg: FusedConfig, group_size: int, dtype: mx.Dtype) -> object:
     header, source = kernel_source(cfg, group_size, dtype)
     tag = "bf16" if dtype == mx.bfloat16 else "f16"
     return mx.fast.cuda_kernel(
-        name=f"qlx_qmm4_m{cfg.mt}_r{cfg.rt}_k{cfg.kw}_g{group_size}_{tag}",
+        name=f"qlx_qmm4_m{cfg.mt}_r{cfg.rt}_k{cfg.kw}_n{cfg.nw}_g{group_size}_{tag}",
         input_names=["x", "w", "scales", "biases"],
         output_names=["y"],
         source=source,
@@ -338,9 +506,10 @@ def _plan(
     for d in shape[:-1]:
         m *= d
     cfg = config or _default_fused_config(m, n)
-    grid = ((n // (16 * cfg.rt)) * 32 * cfg.kw, -(-m // (8 * cfg.mt)), 1)
+    threads = 32 * cfg.kw * cfg.nw
+    grid = ((n // (16 * cfg.rt * cfg.nw)) * threads, -(-m // (8 * cfg.mt)), 1)
     kernel = _kernel(cfg, group_size, dtype)
-    return kernel, grid, (32 * cfg.kw, 1, 1), [(*shape[:-1], n)], [dtype]
+    return kernel, grid, (threads, 1, 1), [(*shape[:-1], n)], [dtype]
 
 
 def fused_quantized_matmul(
@@ -403,12 +572,27 @@ def _mt_for(m: int) -> int:
     return 8
 
 
-def _default_fused_config(m: int, n: int) -> FusedConfig:
-    """Fastest measured tile shape for ``m`` rows (H100, Qwen3-8B shapes)."""
+def _unstaged_config(m: int, n: int) -> FusedConfig:
+    """The unstaged kernel's fastest measured tile shape for ``m`` rows (H100)."""
     mt = _mt_for(m)
     if mt == 4 and n % 32 == 0:
         return FusedConfig(mt=4, rt=2, kw=8)
     return FusedConfig(mt=mt, rt=1, kw=4)
+
+
+_STAGED_WARPS = 4  # warps sharing one staged copy of the activations (64 output features)
+
+
+def _default_fused_config(m: int, n: int) -> FusedConfig:
+    """Tile shape for ``m`` rows of an ``n``-feature layer.
+
+    One row: the unstaged kernel (nothing to share). Several: the staged kernel, 32 rows a
+    block at most, so a 64-row step still has two blocks per 64 output features.
+    """
+    if m == 1 or n % (16 * _STAGED_WARPS):
+        return _unstaged_config(m, n)
+    mt = min(_mt_for(m), 4)
+    return FusedConfig(mt=mt, rt=1, kw=2 if mt == 4 else 4, nw=_STAGED_WARPS)
 
 
 def choose_path(m: int, n: int, k: int) -> str:

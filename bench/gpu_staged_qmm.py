@@ -1,0 +1,238 @@
+"""The staged 4-bit kernel against the unstaged one, on the device: correctness, per-shape
+timings, then whole decode steps of the Qwen3-8B-shaped model with fused projections.
+
+Run on the GPU machine from the repository root (random weights are built there):
+
+    python3 bench/gpu_staged_qmm.py --tokenizer-dir .gpu/tokenizer [--parts 1,2,3]
+
+1. Correctness: every tile shape timed in part 2, at every row count, against dequantize +
+   matmul (cuBLAS on the same bf16 weights) over the whole output and against a float64
+   reference on the first 256 output features; float16 and group size 32 on one shape.
+2. Microseconds a call by layer shape (Qwen3-8B's, plus the fused q/k/v and gate/up widths) and
+   row count: the server's tile shape now, the unstaged kernel's, and staged variants; weight
+   GB/s and TFLOP/s of the best. Calls rotate through weight copies 3x the L2, so every call
+   reads device memory.
+3. Whole decode steps (pipelined as the engine runs them, KV 640, left-padded batch caches with
+   the decode-attention kernel; one row on a plain cache): separate projections with the
+   unstaged kernel (the previous server), then fused projections with the unstaged and the
+   staged kernel, and at one row the fused kernel on every layer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import mlx.core as mx  # noqa: E402
+import numpy as np  # noqa: E402
+from gpu_qmm import random_qweight, reference_rows, rel_err, time_calls  # noqa: E402
+
+import mlx_llm_server.kernels.quantized_linear as ql  # noqa: E402
+from mlx_llm_server.kernels.quantized_linear import (  # noqa: E402
+    FusedConfig,
+    dequantize_matmul,
+    fused_quantized_matmul,
+)
+
+SHAPES = [
+    ("q/o_proj", 4096, 4096),
+    ("k/v_proj", 1024, 4096),
+    ("qkv fused", 6144, 4096),
+    ("gate/up", 12288, 4096),
+    ("gate_up fused", 24576, 4096),
+    ("down", 4096, 12288),
+    ("lm_head", 151936, 4096),
+]
+ROWS = [1, 2, 4, 8, 16, 32, 48, 64]
+L2_BYTES = 60 * 2**20
+GS = 64
+
+
+def variants(m: int, n: int) -> list[tuple[str, FusedConfig]]:
+    """(label, config): the server's choice, the unstaged kernel's, and staged alternatives."""
+    out = [("server", ql._default_fused_config(m, n)), ("unstaged", ql._unstaged_config(m, n))]
+    mt = min(ql._mt_for(m), 4)
+    for nw, kw in ((4, 4), (4, 2), (2, 4), (8, 2), (2, 2), (8, 1)):
+        # 512 threads of the 4-tile variant need more than an SM's 64K registers (130 each).
+        if n % (16 * nw) == 0 and not (mt >= 4 and nw * kw > 8):
+            out.append((f"staged n{nw}k{kw}", FusedConfig(mt=mt, rt=1, kw=kw, nw=nw)))
+    if m > 32 and n % 64 == 0:
+        out.append(("staged m8n4k2", FusedConfig(mt=8, rt=1, kw=2, nw=4)))
+    seen: set[FusedConfig] = set()
+    unique = []
+    for label, cfg in out:
+        if cfg not in seen:
+            seen.add(cfg)
+            unique.append((label, cfg))
+    return unique
+
+
+def part_check() -> bool:
+    print("\n## 1. Correctness (max |a-b| / max |b|)\n", flush=True)
+    print("| shape | rows | config | vs dequant+matmul | vs float64 (256 features) | ok |")
+    print("|---|---:|---|---:|---:|---|")
+    ok = True
+    cases = [(name, n, k, mx.bfloat16, GS, [*ROWS, 3, 13, 33]) for name, n, k in SHAPES]
+    cases += [
+        ("q/o f16", 4096, 4096, mx.float16, 64, [2, 24, 64]),
+        ("q/o gs32", 4096, 4096, mx.bfloat16, 32, [2, 24, 64]),
+    ]
+    for name, n, k, dtype, gs, rows in cases:
+        q, s, b = random_qweight(n, k, dtype, gs)
+        for m in rows:
+            x = mx.random.normal((m, k)).astype(dtype)
+            reference = dequantize_matmul(
+                x.astype(mx.float32), q, s.astype(mx.float32), b.astype(mx.float32), gs
+            )
+            f64 = reference_rows(x, q, s, b, 256, gs)
+            scale = np.abs(f64).max()
+            for label, cfg in variants(m, n):
+                y = fused_quantized_matmul(x, q, s, b, gs, config=cfg)
+                mx.eval(y)
+                nan = bool(mx.isnan(y).any().item())
+                e_all = rel_err(y, reference)
+                e_f64 = float(np.abs(np.array(y[:, :256].astype(mx.float32)) - f64).max() / scale)
+                good = not nan and e_all < 1e-2 and e_f64 < 1e-2
+                ok &= good
+                if not good or label == "server" or m in (3, 13, 33):
+                    print(
+                        f"| {name} | {m} | {label} {cfg.mt}/{cfg.rt}/{cfg.kw}/{cfg.nw} | "
+                        f"{e_all:.2e} | {e_f64:.2e} | {'ok' if good else 'FAIL'} |",
+                        flush=True,
+                    )
+        del q, s, b
+        mx.clear_cache()
+    print(f"\ncorrectness: {'all ok' if ok else 'FAILED'}", flush=True)
+    return ok
+
+
+def part_table() -> dict[tuple[int, int], str]:
+    print("\n## 2. Microseconds a call (bf16, group 64)\n", flush=True)
+    print("| layer (N x K) | rows | server | unstaged | best (config) | best GB/s | best TFLOP/s |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    best_labels: dict[tuple[int, int], str] = {}
+    for name, n, k in SHAPES:
+        nbytes = n * k // 2 + 2 * 2 * n * k // GS
+        copies = max(2, math.ceil(3 * L2_BYTES / nbytes))
+        weights = [random_qweight(n, k) for _ in range(copies)]
+        for m in ROWS:
+            x = mx.random.normal((m, k)).astype(mx.bfloat16)
+            mx.eval(x)
+            times: dict[str, float] = {}
+            configs = dict(variants(m, n))
+            for label, cfg in configs.items():
+
+                def call(
+                    i: int, cfg: FusedConfig = cfg, x: mx.array = x, weights: list = weights
+                ) -> mx.array:
+                    q, s, b = weights[i]
+                    return fused_quantized_matmul(x, q, s, b, GS, config=cfg)
+
+                times[label] = time_calls(call, copies) * 1e6
+            best = min(times, key=times.get)  # type: ignore[arg-type]
+            best_labels[(n, m)] = best
+            cfg = configs[best]
+            us = times[best]
+            print(
+                f"| {name} ({n}x{k}) | {m} | {times['server']:.1f} | {times['unstaged']:.1f} | "
+                f"{us:.1f} ({best} {cfg.mt}/{cfg.rt}/{cfg.kw}/{cfg.nw}) | "
+                f"{nbytes / us / 1e3:,.0f} | {2 * m * n * k / us / 1e6:.1f} |",
+                flush=True,
+            )
+        del weights
+        mx.clear_cache()
+    return best_labels
+
+
+def part_steps(args: Any) -> None:
+    from gpu_step_anatomy import (
+        accelerated_layers,
+        batch_caches,
+        load_model,
+        plain_caches,
+        set_decode_kernel,
+        steady_ms,
+    )
+
+    from mlx_llm_server.kernels.fused_projections import fuse_projections
+    from mlx_llm_server.kernels.quantized_linear import accelerate_quantized_layers
+
+    print("\n## 3. Whole decode steps, KV 640 (ms a step; tokens/s in brackets)\n", flush=True)
+    model, model_args = load_model(args.model, args.tokenizer_dir, fuse=False)
+    set_decode_kernel(model, True)
+    rows = [int(r) for r in args.rows.split(",")]
+    staged = ql._default_fused_config
+
+    def step(count: int, fused_one_row: bool = False) -> float:
+        ql._PLANS.clear()
+        if fused_one_row:
+            for _, layer in accelerated_layers(model):
+                layer.force_path = "fused"
+        if count == 1:
+            cache = plain_caches(model_args, 1, 640, args.steps + 12)
+        else:
+            cache = batch_caches(model_args, count, 640, args.steps, padded=True)
+        ms = steady_ms(model, cache, count, args.steps)[0]
+        for _, layer in accelerated_layers(model):
+            layer.force_path = None
+        del cache
+        mx.clear_cache()
+        return ms
+
+    results: dict[str, list[float]] = {}
+    ql._default_fused_config = ql._unstaged_config
+    results["separate projections, unstaged kernel"] = [step(r) for r in rows]
+    fused = fuse_projections(model, force=True)
+    swapped = accelerate_quantized_layers(model)
+    print(f"fused projections: {fused} modules; accelerated again: {swapped} layers", flush=True)
+    results["fused projections, unstaged kernel"] = [step(r) for r in rows]
+    ql._default_fused_config = staged
+    results["fused projections, staged kernel (server now)"] = [step(r) for r in rows]
+    one_row_all_fused = step(1, fused_one_row=True)
+    print("| setting | " + " | ".join(f"{r} rows" for r in rows) + " |")
+    print("|---|" + "---:|" * len(rows))
+    for label, figures in results.items():
+        cells = " | ".join(
+            f"{ms:.2f} ({r / ms * 1e3:,.0f})" for r, ms in zip(rows, figures, strict=True)
+        )
+        print(f"| {label} | {cells} |", flush=True)
+    print(
+        f"\none row, fused projections, fused kernel on every layer: {one_row_all_fused:.2f} ms "
+        f"({1e3 / one_row_all_fused:,.0f} tokens/s)",
+        flush=True,
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", type=Path, default=Path("/tmp/sb/model-qwen3-8b-4bit"))
+    parser.add_argument("--tokenizer-dir", type=Path)
+    parser.add_argument("--parts", default="1,2,3")
+    parser.add_argument("--rows", default="1,8,32,64")
+    parser.add_argument("--steps", type=int, default=32)
+    args = parser.parse_args()
+    parts = {int(p) for p in args.parts.split(",")}
+    started = time.perf_counter()
+    ok = True
+    if 1 in parts:
+        ok = part_check()
+    if 2 in parts:
+        part_table()
+    if 3 in parts:
+        part_steps(args)
+    print(f"\ndone in {time.perf_counter() - started:.0f} s", flush=True)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
