@@ -14,8 +14,10 @@ Run on the GPU machine from the repository root (random weights are built there)
    reads device memory.
 3. Whole decode steps (pipelined as the engine runs them, KV 640, left-padded batch caches with
    the decode-attention kernel; one row on a plain cache): separate projections with the
-   unstaged kernel (the previous server), then fused projections with the unstaged and the
-   staged kernel, and at one row the fused kernel on every layer.
+   unstaged kernel (the previous server), then fused projections with the unstaged kernel and
+   with the server's policy now, and at one row the fused kernel on every layer; the settings
+   alternate over several rounds (median and fastest), and the first round also splits one
+   unpipelined step into building its graph and evaluating it.
 """
 
 from __future__ import annotations
@@ -142,7 +144,7 @@ def part_table() -> dict[tuple[int, int], str]:
             cfg = configs[best]
             us = times[best]
             print(
-                f"| {name} ({n}x{k}) | {m} | {times['server']:.1f} | {times['unstaged']:.1f} | "
+                f"| {name} ({n}x{k}) | {m} | {times['server']:.1f} | {times.get('unstaged', times['server']):.1f} | "
                 f"{us:.1f} ({best} {cfg.mt}/{cfg.rt}/{cfg.kw}/{cfg.nw}) | "
                 f"{nbytes / us / 1e3:,.0f} | {2 * m * n * k / us / 1e6:.1f} |",
                 flush=True,
@@ -153,6 +155,8 @@ def part_table() -> dict[tuple[int, int], str]:
 
 
 def part_steps(args: Any) -> None:
+    import statistics
+
     from gpu_step_anatomy import (
         accelerated_layers,
         batch_caches,
@@ -160,55 +164,74 @@ def part_steps(args: Any) -> None:
         plain_caches,
         set_decode_kernel,
         steady_ms,
+        unpipelined_ms,
     )
 
-    from mlx_llm_server.kernels.fused_projections import fuse_projections
-    from mlx_llm_server.kernels.quantized_linear import accelerate_quantized_layers
-
-    print("\n## 3. Whole decode steps, KV 640 (ms a step; tokens/s in brackets)\n", flush=True)
-    model, model_args = load_model(args.model, args.tokenizer_dir, fuse=False)
-    set_decode_kernel(model, True)
+    print("\n## 3. Whole decode steps, KV 640 (ms a step)\n", flush=True)
+    # Two copies of the model (4.6 GB each), so the settings can alternate round by round:
+    # one-row step times drift between runs on the same machine.
+    separate, model_args = load_model(args.model, args.tokenizer_dir, fuse=False)
+    fused, _ = load_model(args.model, args.tokenizer_dir, fuse=True)
+    for model in (separate, fused):
+        set_decode_kernel(model, True)
     rows = [int(r) for r in args.rows.split(",")]
     staged = ql._default_fused_config
 
-    def step(count: int, fused_one_row: bool = False) -> float:
+    def step(model: Any, count: int, policy: Any, force: str | None, split: bool) -> tuple:
+        ql._default_fused_config = policy
         ql._PLANS.clear()
-        if fused_one_row:
-            for _, layer in accelerated_layers(model):
-                layer.force_path = "fused"
+        for _, layer in accelerated_layers(model):
+            layer.force_path = force
         if count == 1:
-            cache = plain_caches(model_args, 1, 640, args.steps + 12)
+            cache = plain_caches(model_args, 1, 640, args.steps + 24)
         else:
-            cache = batch_caches(model_args, count, 640, args.steps, padded=True)
+            cache = batch_caches(model_args, count, 640, args.steps + 12, padded=True)
         ms = steady_ms(model, cache, count, args.steps)[0]
+        build_eval = unpipelined_ms(model, cache, count, 10) if split else (math.nan, math.nan)
         for _, layer in accelerated_layers(model):
             layer.force_path = None
         del cache
         mx.clear_cache()
-        return ms
+        ql._default_fused_config = staged
+        return ms, *build_eval
 
-    results: dict[str, list[float]] = {}
-    ql._default_fused_config = ql._unstaged_config
-    results["separate projections, unstaged kernel"] = [step(r) for r in rows]
-    fused = fuse_projections(model, force=True)
-    swapped = accelerate_quantized_layers(model)
-    print(f"fused projections: {fused} modules; accelerated again: {swapped} layers", flush=True)
-    results["fused projections, unstaged kernel"] = [step(r) for r in rows]
-    ql._default_fused_config = staged
-    results["fused projections, staged kernel (server now)"] = [step(r) for r in rows]
-    one_row_all_fused = step(1, fused_one_row=True)
+    settings: list[tuple[str, Any, Any, str | None, list[int]]] = [
+        (
+            "separate projections, unstaged kernel (before)",
+            separate,
+            ql._unstaged_config,
+            None,
+            rows,
+        ),
+        ("fused projections, unstaged kernel", fused, ql._unstaged_config, None, rows),
+        ("fused projections, server now", fused, staged, None, rows),
+        ("separate projections, fused kernel on every layer", separate, staged, "fused", [1]),
+        ("fused projections, fused kernel on every layer", fused, staged, "fused", [1]),
+    ]
+    figures: dict[tuple[str, int], list[tuple]] = {}
+    for round_ in range(args.repeats):
+        for label, model, policy, force, counts in settings:
+            for count in counts:
+                figures.setdefault((label, count), []).append(
+                    step(model, count, policy, force, split=round_ == 0)
+                )
+    print("median (min) of the rounds; then build / evaluate ms of one unpipelined step\n")
     print("| setting | " + " | ".join(f"{r} rows" for r in rows) + " |")
     print("|---|" + "---:|" * len(rows))
-    for label, figures in results.items():
-        cells = " | ".join(
-            f"{ms:.2f} ({r / ms * 1e3:,.0f})" for r, ms in zip(rows, figures, strict=True)
-        )
-        print(f"| {label} | {cells} |", flush=True)
-    print(
-        f"\none row, fused projections, fused kernel on every layer: {one_row_all_fused:.2f} ms "
-        f"({1e3 / one_row_all_fused:,.0f} tokens/s)",
-        flush=True,
-    )
+    for label, *_ in settings:
+        cells = []
+        for count in rows:
+            runs = figures.get((label, count))
+            if not runs:
+                cells.append("")
+                continue
+            steps = [run[0] for run in runs]
+            ms = statistics.median(steps)
+            cells.append(
+                f"{ms:.2f} ({min(steps):.2f}) = {count / ms * 1e3:,.0f} tok/s; "
+                f"{runs[0][1]:.2f} / {runs[0][2]:.2f}"
+            )
+        print(f"| {label} | " + " | ".join(cells) + " |", flush=True)
 
 
 def main() -> int:
@@ -220,6 +243,7 @@ def main() -> int:
     parser.add_argument("--parts", default="1,2,3")
     parser.add_argument("--rows", default="1,8,32,64")
     parser.add_argument("--steps", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3, help="rounds of part 3's settings")
     args = parser.parse_args()
     parts = {int(p) for p in args.parts.split(",")}
     started = time.perf_counter()

@@ -580,19 +580,20 @@ def _unstaged_config(m: int, n: int) -> FusedConfig:
     return FusedConfig(mt=mt, rt=1, kw=4)
 
 
-_STAGED_WARPS = 4  # warps sharing one staged copy of the activations (64 output features)
+_STAGED_WARPS = 8  # warps sharing one staged copy of the activations (128 output features)
+_STAGED_MIN_ROWS = 9
 
 
 def _default_fused_config(m: int, n: int) -> FusedConfig:
-    """Tile shape for ``m`` rows of an ``n``-feature layer.
+    """Tile shape for ``m`` rows of an ``n``-feature layer (H200, bench/NOTES.md, "staged").
 
-    One row: the unstaged kernel (nothing to share). Several: the staged kernel, 32 rows a
-    block at most, so a 64-row step still has two blocks per 64 output features.
+    Up to 8 rows the unstaged kernel is as fast or faster (its activation re-reads are small
+    next to the weights). From 9 rows the staged kernel, 8 warps over 128 output features and
+    all of K, 32 rows a block at most (a 64-row step runs two blocks per 128 features).
     """
-    if m == 1 or n % (16 * _STAGED_WARPS):
+    if m < _STAGED_MIN_ROWS or n % (16 * _STAGED_WARPS):
         return _unstaged_config(m, n)
-    mt = min(_mt_for(m), 4)
-    return FusedConfig(mt=mt, rt=1, kw=2 if mt == 4 else 4, nw=_STAGED_WARPS)
+    return FusedConfig(mt=min(_mt_for(m), 4), rt=1, kw=1, nw=_STAGED_WARPS)
 
 
 def choose_path(m: int, n: int, k: int) -> str:
