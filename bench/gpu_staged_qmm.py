@@ -62,6 +62,8 @@ def variants(m: int, n: int) -> list[tuple[str, FusedConfig]]:
     """(label, config): the server's choice, the unstaged kernel's, and staged alternatives."""
     out = [("server", ql._default_fused_config(m, n)), ("unstaged", ql._unstaged_config(m, n))]
     mt = min(ql._mt_for(m), 4)
+    if m >= 9 and n % 128 == 0:
+        out.append(("staged n8k1", FusedConfig(mt=mt, rt=1, kw=1, nw=8)))
     for nw, kw in ((4, 4), (4, 2), (2, 4), (8, 2), (2, 2), (8, 1)):
         # 512 threads of the 4-tile variant need more than an SM's 64K registers (130 each).
         if n % (16 * nw) == 0 and not (mt >= 4 and nw * kw > 8):
@@ -116,8 +118,33 @@ def part_check() -> bool:
     return ok
 
 
-def part_table() -> dict[tuple[int, int], str]:
-    print("\n## 2. Microseconds a call (bf16, group 64)\n", flush=True)
+def chained_us(x: mx.array, weights: list, cfg: FusedConfig, n: int, k: int) -> float:
+    """Median us a call when each call's input is made from the previous call's output, so no
+    two calls overlap on the device (as in a decode step); one small copy between calls."""
+
+    def chain(count: int) -> mx.array:
+        h = x
+        for i in range(count):
+            q, s, b = weights[i % len(weights)]
+            y = fused_quantized_matmul(h, q, s, b, GS, config=cfg)
+            h = y[:, :k] if n >= k else mx.tile(y, (1, k // n))
+        return h
+
+    mx.eval(chain(4))
+    times = []
+    for _ in range(5):
+        out = chain(64)
+        mx.synchronize()
+        started = time.perf_counter()
+        mx.eval(out)
+        mx.synchronize()
+        times.append((time.perf_counter() - started) / 64)
+    return sorted(times)[2] * 1e6
+
+
+def part_table(chained: bool = False) -> dict[tuple[int, int], str]:
+    kind = "chained calls, one copy between calls" if chained else "independent calls"
+    print(f"\n## 2. Microseconds a call (bf16, group 64; {kind})\n", flush=True)
     print("| layer (N x K) | rows | server | unstaged | best (config) | best GB/s | best TFLOP/s |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     best_labels: dict[tuple[int, int], str] = {}
@@ -131,6 +158,9 @@ def part_table() -> dict[tuple[int, int], str]:
             times: dict[str, float] = {}
             configs = dict(variants(m, n))
             for label, cfg in configs.items():
+                if chained:
+                    times[label] = chained_us(x, weights, cfg, n, k)
+                    continue
 
                 def call(
                     i: int, cfg: FusedConfig = cfg, x: mx.array = x, weights: list = weights
@@ -175,7 +205,12 @@ def part_steps(args: Any) -> None:
     for model in (separate, fused):
         set_decode_kernel(model, True)
     rows = [int(r) for r in args.rows.split(",")]
-    staged = ql._default_fused_config
+    server = ql._default_fused_config
+
+    def staged_from_9(m: int, n: int) -> FusedConfig:
+        if m < 9 or n % 128:
+            return server(m, n)
+        return FusedConfig(mt=min(ql._mt_for(m), 4), rt=1, kw=1, nw=8)
 
     def step(model: Any, count: int, policy: Any, force: str | None, split: bool) -> tuple:
         ql._default_fused_config = policy
@@ -192,7 +227,7 @@ def part_steps(args: Any) -> None:
             layer.force_path = None
         del cache
         mx.clear_cache()
-        ql._default_fused_config = staged
+        ql._default_fused_config = server
         return ms, *build_eval
 
     settings: list[tuple[str, Any, Any, str | None, list[int]]] = [
@@ -203,10 +238,10 @@ def part_steps(args: Any) -> None:
             None,
             rows,
         ),
-        ("fused projections, unstaged kernel", fused, ql._unstaged_config, None, rows),
-        ("fused projections, server now", fused, staged, None, rows),
-        ("separate projections, fused kernel on every layer", separate, staged, "fused", [1]),
-        ("fused projections, fused kernel on every layer", fused, staged, "fused", [1]),
+        ("fused projections, server now", fused, server, None, rows),
+        ("fused projections, staged kernel from 9 rows", fused, staged_from_9, None, rows),
+        ("separate projections, fused kernel on every layer", separate, server, "fused", [1]),
+        ("fused projections, fused kernel on every layer", fused, server, "fused", [1]),
     ]
     figures: dict[tuple[str, int], list[tuple]] = {}
     for round_ in range(args.repeats):
@@ -244,6 +279,7 @@ def main() -> int:
     parser.add_argument("--rows", default="1,8,32,64")
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3, help="rounds of part 3's settings")
+    parser.add_argument("--chained", action="store_true", help="part 2: dependent calls")
     args = parser.parse_args()
     parts = {int(p) for p in args.parts.split(",")}
     started = time.perf_counter()
@@ -251,7 +287,7 @@ def main() -> int:
     if 1 in parts:
         ok = part_check()
     if 2 in parts:
-        part_table()
+        part_table(chained=args.chained)
     if 3 in parts:
         part_steps(args)
     print(f"\ndone in {time.perf_counter() - started:.0f} s", flush=True)

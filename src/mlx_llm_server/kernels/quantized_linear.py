@@ -580,20 +580,15 @@ def _unstaged_config(m: int, n: int) -> FusedConfig:
     return FusedConfig(mt=mt, rt=1, kw=4)
 
 
-_STAGED_WARPS = 8  # warps sharing one staged copy of the activations (128 output features)
-_STAGED_MIN_ROWS = 9
-
-
 def _default_fused_config(m: int, n: int) -> FusedConfig:
-    """Tile shape for ``m`` rows of an ``n``-feature layer (H200, bench/NOTES.md, "staged").
+    """Tile shape for ``m`` rows of an ``n``-feature layer: the unstaged kernel's.
 
-    Up to 8 rows the unstaged kernel is as fast or faster (its activation re-reads are small
-    next to the weights). From 9 rows the staged kernel, 8 warps over 128 output features and
-    all of K, 32 rows a block at most (a 64-row step runs two blocks per 128 features).
+    The staged kernel (``nw`` > 1) wins on a layer timed alone from 16 rows on, but in whole
+    decode steps on an H200 it was no faster (bench/NOTES.md, "H200: the staged kernel"): its
+    blocks cover 128 output features, so a 4,096-wide layer runs 32-64 blocks on 132 SMs, and
+    the layers of a step run one after another. It stays selectable through ``config``.
     """
-    if m < _STAGED_MIN_ROWS or n % (16 * _STAGED_WARPS):
-        return _unstaged_config(m, n)
-    return FusedConfig(mt=min(_mt_for(m), 4), rt=1, kw=1, nw=_STAGED_WARPS)
+    return _unstaged_config(m, n)
 
 
 def choose_path(m: int, n: int, k: int) -> str:
