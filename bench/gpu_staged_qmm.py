@@ -208,8 +208,9 @@ def part_steps(args: Any) -> None:
     server = ql._default_fused_config
 
     def staged_from_9(m: int, n: int) -> FusedConfig:
+        """The first staged policy: 8-warp blocks over 128 features from 9 rows."""
         if m < 9 or n % 128:
-            return server(m, n)
+            return ql._unstaged_config(m, n)
         return FusedConfig(mt=min(ql._mt_for(m), 4), rt=1, kw=1, nw=8)
 
     def step(model: Any, count: int, policy: Any, force: str | None, split: bool) -> tuple:
@@ -238,6 +239,7 @@ def part_steps(args: Any) -> None:
             None,
             rows,
         ),
+        ("fused projections, unstaged kernel", fused, ql._unstaged_config, None, rows),
         ("fused projections, server now", fused, server, None, rows),
         ("fused projections, staged kernel from 9 rows", fused, staged_from_9, None, rows),
         ("separate projections, fused kernel on every layer", separate, server, "fused", [1]),

@@ -29,6 +29,7 @@ from mlx_llm_server.kernels.decode_attention import (
     enable_batch_decode_attention,
     reference_decode_attention,
 )
+from mlx_llm_server.kernels.fused_projections import fuse_projections
 from mlx_llm_server.models.loader import load
 
 PROMPTS = [list(range(300, 340)), list(range(1000, 1013)), list(range(5000, 5071))]
@@ -68,7 +69,9 @@ async def until(condition: object) -> None:
     raise AssertionError("not reached")
 
 
-@pytest.mark.parametrize("mode", ["model-blocks", "compiled-blocks", "decode-attention-kernel"])
+@pytest.mark.parametrize(
+    "mode", ["model-blocks", "compiled-blocks", "decode-attention-kernel", "fused-projections"]
+)
 def test_rows_joining_and_leaving_decode_as_if_alone(
     tiny_qwen3_dir: Path,
     references: list[list[int]],
@@ -97,7 +100,9 @@ def test_rows_joining_and_leaving_decode_as_if_alone(
             loaded = load(str(tiny_qwen3_dir))
             if mode == "compiled-blocks":
                 assert compile_decode_blocks(loaded.model) > 0
-            if mode == "decode-attention-kernel":
+            if mode == "fused-projections":  # as on an NVIDIA GPU: with the kernel's path
+                assert fuse_projections(loaded.model, force=True) > 0
+            if mode in ("decode-attention-kernel", "fused-projections"):
                 assert enable_batch_decode_attention(loaded.model, force=True) > 0
             return EngineModel(loaded.model, loaded.vocab_size)
 
@@ -132,7 +137,7 @@ def test_rows_joining_and_leaving_decode_as_if_alone(
     assert outputs[2] == references[2][:8]
     # Each change between a sequence's own cache and a batch cache was exercised.
     assert modes == [True, False, True, False, True]
-    assert bool(kernel_calls) == (mode == "decode-attention-kernel")
+    assert bool(kernel_calls) == (mode in ("decode-attention-kernel", "fused-projections"))
 
 
 def test_warm_up_runs_every_sampling_feature_and_leaves_no_trace(

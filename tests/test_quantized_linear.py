@@ -14,7 +14,11 @@ from mlx_llm_server.kernels.quantized_linear import (
     choose_path,
     cuda_gpu_is_default,
     fused_supported,
+    kernel_source,
+    launch_shape,
 )
+from mlx_llm_server.kernels.quantized_linear import _default_fused_config as tile_shape
+from mlx_llm_server.kernels.quantized_linear import _shared_bytes as shared_bytes
 
 
 class _Tiny(nn.Module):
@@ -152,6 +156,40 @@ def test_path_choice_and_support() -> None:
     assert not fused_supported(4096, 4096, 128, 4, mx.bfloat16)
     assert not fused_supported(4096, 4096, 64, 4, mx.float32)
     assert FusedConfig(mt=1, rt=1, kw=8) == FusedConfig(1, 1, 8)
+
+
+QWEN3_8B_WIDTHS = (1024, 4096, 6144, 12288, 24576, 151936)  # k/v, q/o/down, qkv, ..., head
+
+
+def test_tile_shapes_by_rows_and_width() -> None:
+    # Up to 48 rows the unstaged kernel; from 49 the staged one, chosen by the layer's width.
+    for m in (1, 2, 8, 16, 32, 48):
+        for n in QWEN3_8B_WIDTHS:
+            assert tile_shape(m, n).nw == 1
+    assert tile_shape(64, 151936) == FusedConfig(mt=4, rt=1, kw=1, nw=8)
+    assert tile_shape(64, 24576) == FusedConfig(mt=8, rt=1, kw=2, nw=4)
+    assert tile_shape(49, 12288) == FusedConfig(mt=4, rt=1, kw=2, nw=4)
+    assert tile_shape(64, 4096) == FusedConfig(mt=4, rt=1, kw=2, nw=2)
+    assert tile_shape(64, 1040).nw == 1  # not a multiple of the staged block's 32 features
+    # 64 rows of a 4096-wide layer: 128 blocks of 32 features x 32 rows, 4 warps each.
+    assert launch_shape(tile_shape(64, 4096), 64, 4096) == ((128 * 128, 2, 1), (128, 1, 1))
+    assert launch_shape(tile_shape(1, 4096), 1, 4096) == ((256 * 128, 1, 1), (128, 1, 1))
+
+
+def test_every_chosen_tile_shape_fits_an_sm() -> None:
+    """Register and shared-memory budgets of the shapes the server picks (registers as
+    `bench/kernel_build_check.py` reports them: 96-156 a thread, 237 for mt=4 rt=2)."""
+    for m in range(1, 65):
+        for n in QWEN3_8B_WIDTHS:
+            cfg = tile_shape(m, n)
+            _, (threads, _, _) = launch_shape(cfg, m, n)
+            assert n % (16 * cfg.rt * cfg.nw) == 0
+            registers = 237 if cfg.rt == 2 else 160
+            assert threads * registers <= 65536
+            assert shared_bytes(cfg) <= 227 * 1024
+            _, body = kernel_source(cfg, 64, mx.bfloat16)
+            assert f"constexpr int NW = {cfg.nw};" in body
+            assert ("cp.async" in body) == (cfg.nw > 1)
 
 
 def test_routing_on_a_cuda_device(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -34,6 +34,7 @@ __all__ = [
     "fused_quantized_matmul",
     "fused_supported",
     "kernel_source",
+    "launch_shape",
 ]
 
 # K is walked in chunks of 256 (each lane reads 2 x 16 bytes of packed weights per row).
@@ -506,10 +507,19 @@ def _plan(
     for d in shape[:-1]:
         m *= d
     cfg = config or _default_fused_config(m, n)
+    grid, threadgroup = launch_shape(cfg, m, n)
+    kernel = _kernel(cfg, group_size, dtype)
+    return kernel, grid, threadgroup, [(*shape[:-1], n)], [dtype]
+
+
+def launch_shape(
+    cfg: FusedConfig, m: int, n: int
+) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """Grid (in threads, as ``mx.fast.cuda_kernel`` takes it) and block for ``m`` rows of an
+    ``n``-feature layer: one block per 16 rt nw output features and 8 mt rows."""
     threads = 32 * cfg.kw * cfg.nw
     grid = ((n // (16 * cfg.rt * cfg.nw)) * threads, -(-m // (8 * cfg.mt)), 1)
-    kernel = _kernel(cfg, group_size, dtype)
-    return kernel, grid, (threads, 1, 1), [(*shape[:-1], n)], [dtype]
+    return grid, (threads, 1, 1)
 
 
 def fused_quantized_matmul(
@@ -580,14 +590,30 @@ def _unstaged_config(m: int, n: int) -> FusedConfig:
     return FusedConfig(mt=mt, rt=1, kw=4)
 
 
-def _default_fused_config(m: int, n: int) -> FusedConfig:
-    """Tile shape for ``m`` rows of an ``n``-feature layer: the unstaged kernel's.
+_STAGED_MIN_ROWS = 49
 
-    The staged kernel (``nw`` > 1) wins on a layer timed alone from 16 rows on, but in whole
-    decode steps on an H200 it was no faster (bench/NOTES.md, "H200: the staged kernel"): its
-    blocks cover 128 output features, so a 4,096-wide layer runs 32-64 blocks on 132 SMs, and
-    the layers of a step run one after another. It stays selectable through ``config``.
+# (smallest N, config) for the staged kernel from _STAGED_MIN_ROWS rows, widest layers first;
+# the fastest shapes of dependent calls on an H200 (bench/NOTES.md, "H200: the staged kernel").
+_STAGED_BY_WIDTH = (
+    (65536, FusedConfig(mt=4, rt=1, kw=1, nw=8)),  # an output head
+    (16384, FusedConfig(mt=8, rt=1, kw=2, nw=4)),  # fused gate/up
+    (8192, FusedConfig(mt=4, rt=1, kw=2, nw=4)),  # gate or up alone
+    (0, FusedConfig(mt=4, rt=1, kw=2, nw=2)),  # q/k/v (fused or not), o, down
+)
+
+
+def _default_fused_config(m: int, n: int) -> FusedConfig:
+    """Tile shape for ``m`` rows of an ``n``-feature layer.
+
+    Up to 48 rows the unstaged kernel: in whole decode steps on an H200 the staged one was no
+    faster there (a layer's calls run one after another, and its blocks of 64-128 output
+    features leave SMs idle). From 49 rows the staged kernel, whose activation reads from
+    shared memory outweigh that: a 64-row step took 14.9 ms against 18.4 (bench/NOTES.md).
     """
+    if m >= _STAGED_MIN_ROWS:
+        for min_width, cfg in _STAGED_BY_WIDTH:
+            if n >= min_width and n % (16 * cfg.nw) == 0:
+                return cfg
     return _unstaged_config(m, n)
 
 
