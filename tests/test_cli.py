@@ -27,6 +27,7 @@ def test_defaults_are_the_specified_ones() -> None:
     assert spec.name == spec.model_id == DEFAULT_MODEL == "mlx-community/Qwen3-8B-4bit"
     assert args.port == DEFAULT_PORT == 9044
     assert args.host == "127.0.0.1"
+    assert args.staged_matmul_rows == 49
 
 
 def test_help_lists_the_options() -> None:

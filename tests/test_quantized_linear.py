@@ -7,6 +7,7 @@ import mlx.nn as nn
 import pytest
 
 from mlx_llm_server.kernels.quantized_linear import (
+    STAGED_MIN_ROWS,
     AcceleratedQuantizedEmbedding,
     AcceleratedQuantizedLinear,
     FusedConfig,
@@ -16,6 +17,7 @@ from mlx_llm_server.kernels.quantized_linear import (
     fused_supported,
     kernel_source,
     launch_shape,
+    set_staged_min_rows,
 )
 from mlx_llm_server.kernels.quantized_linear import _default_fused_config as tile_shape
 from mlx_llm_server.kernels.quantized_linear import _shared_bytes as shared_bytes
@@ -174,6 +176,17 @@ def test_tile_shapes_by_rows_and_width() -> None:
     # 64 rows of a 4096-wide layer: 128 blocks of 32 features x 32 rows, 4 warps each.
     assert launch_shape(tile_shape(64, 4096), 64, 4096) == ((128 * 128, 2, 1), (128, 1, 1))
     assert launch_shape(tile_shape(1, 4096), 1, 4096) == ((256 * 128, 1, 1), (128, 1, 1))
+
+
+def test_the_staged_kernel_can_start_later_or_never() -> None:
+    try:
+        set_staged_min_rows(65)  # `--staged-matmul-rows 65`
+        assert all(tile_shape(m, n).nw == 1 for m in range(1, 65) for n in QWEN3_8B_WIDTHS)
+        set_staged_min_rows(33)
+        assert tile_shape(33, 4096).nw == 2 and tile_shape(32, 4096).nw == 1
+    finally:
+        set_staged_min_rows(STAGED_MIN_ROWS)
+    assert tile_shape(49, 4096).nw == 2 and tile_shape(48, 4096).nw == 1
 
 
 def test_every_chosen_tile_shape_fits_an_sm() -> None:

@@ -17,6 +17,7 @@ import uvicorn
 
 from .api import AppState, create_app
 from .engine.engine import Engine, EngineConfig, EngineModel
+from .kernels.quantized_linear import STAGED_MIN_ROWS
 from .metrics import ServerMetrics
 from .models.loader import LoadedModel, ModelLoadError, load, resolve_model_path
 from .models.registry import model_registry
@@ -147,6 +148,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="decode steps through compiled transformer blocks (measured: faster on a host-bound "
         "CPU at batch 8+, not on an H100; see bench/NOTES.md)",
+    )
+    parser.add_argument(
+        "--staged-matmul-rows",
+        type=int,
+        default=STAGED_MIN_ROWS,
+        metavar="ROWS",
+        help="on NVIDIA GPUs, 4-bit matmuls of this many rows or more (up to 64) take the kernel "
+        "that stages activations in shared memory; 65 turns it off (default: %(default)s)",
     )
     parser.add_argument(
         "--custom-model",
@@ -312,7 +321,7 @@ def model_starter(
             from .kernels.compiled_decode import compile_decode_blocks
             from .kernels.decode_attention import enable_batch_decode_attention
             from .kernels.fused_projections import fuse_projections
-            from .kernels.quantized_linear import accelerate_quantized_layers
+            from .kernels.quantized_linear import accelerate_quantized_layers, set_staged_min_rows
             from .text.grammar import apply_grammar_masks
 
             path = resolve_model_path(spec.name)  # downloads show the hub's progress bars
@@ -328,6 +337,7 @@ def model_starter(
             if not args.compiled_decode and fuse_projections(model.model):
                 logger.info("%s: q/k/v and gate/up projections fused", spec.model_id)
             # Faster batched 4-bit matmuls on NVIDIA GPUs; a no-op elsewhere.
+            set_staged_min_rows(args.staged_matmul_rows)
             replaced = accelerate_quantized_layers(model.model)
             if replaced:
                 logger.info(

@@ -4,10 +4,11 @@ MLX's CUDA backend (0.32) makes batched decode with quantized models barely fast
 stream: given (B, 1, K) activations, ``mx.quantized_matmul`` runs one GEMV per batch entry, and
 on a 2-D input it still runs one GEMV per row below 8 rows. This module adds a tensor-core
 kernel, compiled at first use through ``mx.fast.cuda_kernel``, that reads each 4-bit weight tile
-once for all rows, and a drop-in replacement for ``nn.QuantizedLinear`` that picks per call
-between that kernel, the stock op on the rows flattened to 2-D, and dequantize + matmul
-(``choose_path``; the figures behind it are in bench/NOTES.md, "4-bit matmul on NVIDIA" and
-"NVIDIA, night runs").
+once for all rows (from 49 rows in a variant whose warps share the activations through shared
+memory, ``FusedConfig.nw``), and a drop-in replacement for ``nn.QuantizedLinear`` that picks per
+call between that kernel, the stock op on the rows flattened to 2-D, and dequantize + matmul
+(``choose_path``; the figures behind it are in bench/NOTES.md, "4-bit matmul on NVIDIA",
+"NVIDIA, night runs" and "H200: fused projections and the staged kernel").
 
 The parameters stay exactly as MLX stores them (affine, 4 bits, ``weight``/``scales``/
 ``biases``), so checkpoints load unchanged.
@@ -24,6 +25,7 @@ import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
 __all__ = [
+    "STAGED_MIN_ROWS",
     "AcceleratedQuantizedEmbedding",
     "AcceleratedQuantizedLinear",
     "FusedConfig",
@@ -35,6 +37,7 @@ __all__ = [
     "fused_supported",
     "kernel_source",
     "launch_shape",
+    "set_staged_min_rows",
 ]
 
 # K is walked in chunks of 256 (each lane reads 2 x 16 bytes of packed weights per row).
@@ -590,9 +593,10 @@ def _unstaged_config(m: int, n: int) -> FusedConfig:
     return FusedConfig(mt=mt, rt=1, kw=4)
 
 
-_STAGED_MIN_ROWS = 49
+STAGED_MIN_ROWS = 49  # default of `--staged-matmul-rows`
+_staged_min_rows = STAGED_MIN_ROWS
 
-# (smallest N, config) for the staged kernel from _STAGED_MIN_ROWS rows, widest layers first;
+# (smallest N, config) for the staged kernel from `_staged_min_rows` rows, widest layers first;
 # the fastest shapes of dependent calls on an H200 (bench/NOTES.md, "H200: the staged kernel").
 _STAGED_BY_WIDTH = (
     (65536, FusedConfig(mt=4, rt=1, kw=1, nw=8)),  # an output head
@@ -610,11 +614,18 @@ def _default_fused_config(m: int, n: int) -> FusedConfig:
     features leave SMs idle). From 49 rows the staged kernel, whose activation reads from
     shared memory outweigh that: a 64-row step took 14.9 ms against 18.4 (bench/NOTES.md).
     """
-    if m >= _STAGED_MIN_ROWS:
+    if m >= _staged_min_rows:
         for min_width, cfg in _STAGED_BY_WIDTH:
             if n >= min_width and n % (16 * cfg.nw) == 0:
                 return cfg
     return _unstaged_config(m, n)
+
+
+def set_staged_min_rows(rows: int) -> None:
+    """Fused calls of at least ``rows`` rows take the staged kernel (above 64: never)."""
+    global _staged_min_rows
+    _staged_min_rows = rows
+    _PLANS.clear()
 
 
 def choose_path(m: int, n: int, k: int) -> str:
