@@ -80,4 +80,7 @@ def fuse_projections(model: nn.Module, force: bool = False) -> int:
     if not force and not cuda_gpu_is_default():
         return 0
     fusing = [m for _, m in model.named_modules() if callable(getattr(m, "fuse_projections", 0))]
-    return sum(bool(module.fuse_projections()) for module in fusing)
+    fused = sum(bool(module.fuse_projections()) for module in fusing)
+    if fused:
+        mx.clear_cache()  # the separate layers' buffers: give them back, not keep them for reuse
+    return fused

@@ -510,6 +510,8 @@ def _plan(
     for d in shape[:-1]:
         m *= d
     cfg = config or _default_fused_config(m, n)
+    if n % (16 * cfg.rt * cfg.nw):
+        raise ValueError(f"{cfg} needs a multiple of {16 * cfg.rt * cfg.nw} output features")
     grid, threadgroup = launch_shape(cfg, m, n)
     kernel = _kernel(cfg, group_size, dtype)
     return kernel, grid, threadgroup, [(*shape[:-1], n)], [dtype]
