@@ -39,8 +39,9 @@ def concatenate_linears(layers: Sequence[nn.Module]) -> nn.Module | None:
     """One layer computing ``concatenate([layer(x) for layer in layers], axis=-1)``.
 
     Takes bias-free ``nn.Linear`` layers, or ``nn.QuantizedLinear`` layers (or subclasses)
-    quantized alike, all with the same input size; returns None for anything else (the caller keeps its layers).
-    The new layer's weights are evaluated here, so the old ones can be freed one module at a time.
+    quantized alike, all with the same input size; returns None for anything else (the caller
+    keeps its layers). The new layer's weights are evaluated here, so the old ones can be freed
+    one module at a time.
     """
     if not layers or any("bias" in layer for layer in layers):
         return None
