@@ -142,12 +142,11 @@ def chained_us(x: mx.array, weights: list, cfg: FusedConfig, n: int, k: int) -> 
     return sorted(times)[2] * 1e6
 
 
-def part_table(chained: bool = False) -> dict[tuple[int, int], str]:
+def part_table(chained: bool = False) -> None:
     kind = "chained calls, one copy between calls" if chained else "independent calls"
     print(f"\n## 2. Microseconds a call (bf16, group 64; {kind})\n", flush=True)
     print("| layer (N x K) | rows | server | unstaged | best (config) | best GB/s | best TFLOP/s |")
     print("|---|---:|---:|---:|---:|---:|---:|")
-    best_labels: dict[tuple[int, int], str] = {}
     for name, n, k in SHAPES:
         nbytes = n * k // 2 + 2 * 2 * n * k // GS
         copies = max(2, math.ceil(3 * L2_BYTES / nbytes))
@@ -170,7 +169,6 @@ def part_table(chained: bool = False) -> dict[tuple[int, int], str]:
 
                 times[label] = time_calls(call, copies) * 1e6
             best = min(times, key=times.get)  # type: ignore[arg-type]
-            best_labels[(n, m)] = best
             cfg = configs[best]
             us = times[best]
             print(
@@ -181,7 +179,6 @@ def part_table(chained: bool = False) -> dict[tuple[int, int], str]:
             )
         del weights
         mx.clear_cache()
-    return best_labels
 
 
 def part_steps(args: Any) -> None:
