@@ -598,8 +598,9 @@ def _unstaged_config(m: int, n: int) -> FusedConfig:
 STAGED_MIN_ROWS = 49  # default of `--staged-matmul-rows`
 _staged_min_rows = STAGED_MIN_ROWS
 
-# (smallest N, config) for the staged kernel from `_staged_min_rows` rows, widest layers first;
-# the fastest shapes of dependent calls on an H200 (bench/NOTES.md, "H200: fused projections and the staged kernel").
+# (smallest N, config) for the staged kernel from `_staged_min_rows` rows, widest layers first:
+# the fastest shapes of dependent calls on an H200 (bench/NOTES.md, "H200: fused projections
+# and the staged kernel").
 _STAGED_BY_WIDTH = (
     (65536, FusedConfig(mt=4, rt=1, kw=1, nw=8)),  # an output head
     (16384, FusedConfig(mt=8, rt=1, kw=2, nw=4)),  # fused gate/up
