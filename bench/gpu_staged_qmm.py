@@ -171,8 +171,9 @@ def part_table(chained: bool = False) -> None:
             best = min(times, key=times.get)  # type: ignore[arg-type]
             cfg = configs[best]
             us = times[best]
+            unstaged = times.get("unstaged", times["server"])  # one label where they coincide
             print(
-                f"| {name} ({n}x{k}) | {m} | {times['server']:.1f} | {times.get('unstaged', times['server']):.1f} | "
+                f"| {name} ({n}x{k}) | {m} | {times['server']:.1f} | {unstaged:.1f} | "
                 f"{us:.1f} ({best} {cfg.mt}/{cfg.rt}/{cfg.kw}/{cfg.nw}) | "
                 f"{nbytes / us / 1e3:,.0f} | {2 * m * n * k / us / 1e6:.1f} |",
                 flush=True,
