@@ -11,11 +11,14 @@ Run on the GPU machine from the repository root (random weights are built there)
 2. Microseconds a call by layer shape (Qwen3-8B's, plus the fused q/k/v and gate/up widths) and
    row count: the server's tile shape now, the unstaged kernel's, and staged variants; weight
    GB/s and TFLOP/s of the best. Calls rotate through weight copies 3x the L2, so every call
-   reads device memory.
+   reads device memory. Independent calls can overlap on the device, which flatters tile shapes
+   with few blocks; `--chained` makes each call's input from the previous output instead, so
+   they run one after another, as a step's layers do.
 3. Whole decode steps (pipelined as the engine runs them, KV 640, left-padded batch caches with
    the decode-attention kernel; one row on a plain cache): separate projections with the
-   unstaged kernel (the previous server), then fused projections with the unstaged kernel and
-   with the server's policy now, and at one row the fused kernel on every layer; the settings
+   unstaged kernel (the previous server), then fused projections with the unstaged kernel, with
+   the server's policy now and with the first staged policy (8-warp blocks from 9 rows), and at
+   one row the fused kernel on every layer; the settings
    alternate over several rounds (median and fastest), and the first round also splits one
    unpipelined step into building its graph and evaluating it.
 """
