@@ -412,14 +412,19 @@ def part_layer_ops(model: Any, args: Any, rows: int, length: int) -> None:
     scale = head_dim**-0.5
     head = getattr(model, "lm_head", None) or model.model.embed_tokens.as_linear
     sdpa = mx.fast.scaled_dot_product_attention
+    # The projections the layer has: separate, or fused as the server serves them.
+    projections = [
+        (name, getattr(module, name))
+        for module, names in (
+            (attn, ("qkv_proj", "q_proj", "k_proj", "v_proj", "o_proj")),
+            (mlp, ("gate_up_proj", "gate_proj", "up_proj")),
+        )
+        for name in names
+        if name in module
+    ]
     ops: list[tuple[str, Callable[[], Any]]] = [
         ("input_layernorm (RMSNorm)", lambda: layer.input_layernorm(x)),
-        ("q_proj", lambda: attn.q_proj(x)),
-        ("k_proj", lambda: attn.k_proj(x)),
-        ("v_proj", lambda: attn.v_proj(x)),
-        ("o_proj", lambda: attn.o_proj(x)),
-        ("gate_proj", lambda: mlp.gate_proj(x)),
-        ("up_proj", lambda: mlp.up_proj(x)),
+        *[(name, lambda p=proj: p(x)) for name, proj in projections],
         ("down_proj", lambda: mlp.down_proj(wide)),
         ("silu(gate) * up", lambda: mx.sigmoid(wide) * wide * wide),
         ("q_norm", lambda: attn.q_norm(q)),
