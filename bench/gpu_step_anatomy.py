@@ -24,6 +24,10 @@ Part 1 runs the batch cache twice: MLX's masked attention, then the decode-atten
 
 7. Batched steps by quantized-matmul path: the server's choice against the fused kernel on
    every layer (and on every layer but the narrow k/v projections).
+8. Compiled decode blocks (`kernels/compiled_decode.py`) at each row count: the model's own
+   blocks against compiled ones, each with the server's matmul choice and with the fused kernel
+   on every layer (which differ at one row only); settings alternate over `--repeats` rounds,
+   median (fastest) ms a step, and the first round's unpipelined build / evaluate.
 
 `--parts` picks which (e.g. `1,5`).
 
@@ -378,6 +382,65 @@ def part_batch_paths(model: Any, args: Any, rows: list[int], length: int, steps:
         layer.force_path = None
 
 
+def set_compiled_blocks(model: Any, on: bool) -> None:
+    from mlx_llm_server.kernels.compiled_decode import CompiledDecodeBlock, compile_decode_blocks
+
+    layers = model.model.layers
+    if on:
+        compile_decode_blocks(model)
+    else:
+        layers[:] = [b.block if isinstance(b, CompiledDecodeBlock) else b for b in layers]
+
+
+def part_compiled_blocks(
+    model: Any, args: Any, rows: list[int], length: int, steps: int, repeats: int
+) -> None:
+    import mlx.core as mx
+
+    print(f"\n## 8. Compiled decode blocks, KV length {length} (ms a step)\n", flush=True)
+    settings = {
+        "model blocks": (False, None),
+        "compiled blocks": (True, None),
+        "model blocks, fused kernel everywhere": (False, "fused"),
+        "compiled blocks, fused kernel everywhere": (True, "fused"),
+    }
+    print("| rows | " + " | ".join(settings) + " |\n|---:|" + "---:|" * len(settings))
+    layers = accelerated_layers(model)
+    set_decode_kernel(model, True)
+    for count in rows:
+        names = [n for n in settings if count == 1 or settings[n][1] is None]
+        times: dict[str, list[float]] = {name: [] for name in names}
+        split: dict[str, str] = {}
+        for round_ in range(repeats):
+            for name in names:
+                compiled, path = settings[name]
+                set_compiled_blocks(model, compiled)
+                for _, layer in layers:
+                    layer.force_path = path
+                if count == 1:
+                    cache = plain_caches(args, 1, length, steps + 12)
+                else:
+                    cache = batch_caches(args, count, length, steps + 12, padded=True)
+                times[name].append(steady_ms(model, cache, count, steps)[0])
+                if round_ == 0:
+                    build, evaluate = unpipelined_ms(model, cache, count, 10)
+                    split[name] = f"; {build:.2f} / {evaluate:.2f}"
+                del cache
+                mx.clear_cache()
+        cells = [
+            (
+                f"{statistics.median(times[n]):.2f} ({min(times[n]):.2f}){split[n]}"
+                if n in times
+                else ""
+            )
+            for n in settings
+        ]
+        print(f"| {count} | " + " | ".join(cells) + " |", flush=True)
+    set_compiled_blocks(model, False)
+    for _, layer in layers:
+        layer.force_path = None
+
+
 def per_call_us(action: Callable[[], Any], calls: int = 40) -> float:
     import mlx.core as mx
 
@@ -512,6 +575,7 @@ def main() -> int:
     parser.add_argument("--lengths", default="16,256,640")
     parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--parts", default="6,1,2,3,4,5,7")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds of part 8")
     args = parser.parse_args()
     model, model_args = load_model(args.model, args.tokenizer_dir)
     rows = [int(r) for r in args.rows.split(",")]
@@ -531,6 +595,8 @@ def main() -> int:
         part_layer_ops(model, model_args, max(rows), max(lengths))
     if 7 in parts:
         part_batch_paths(model, model_args, [r for r in rows if r > 1], max(lengths), args.steps)
+    if 8 in parts:
+        part_compiled_blocks(model, model_args, rows, max(lengths), args.steps, args.repeats)
     return 0
 
 

@@ -10,6 +10,7 @@ from mlx_lm.models.cache import make_prompt_cache
 
 from mlx_llm_server.engine.batch import merge_caches
 from mlx_llm_server.kernels.compiled_decode import CompiledDecodeBlock, compile_decode_blocks
+from mlx_llm_server.kernels.fused_projections import fuse_projections
 from mlx_llm_server.models.loader import load
 
 PROMPTS = [list(range(100, 131)), list(range(2000, 2007)), list(range(7000, 7019))]
@@ -77,6 +78,25 @@ def test_a_padded_batch_decodes_bit_for_bit(models: tuple[object, object]) -> No
     # Another batch size: traced again, still exact.
     for ours, theirs in zip(
         decode_batched(fast, PROMPTS[:2], 4), decode_batched(stock, PROMPTS[:2], 4), strict=True
+    ):
+        assert mx.array_equal(ours, theirs)
+
+
+def test_blocks_with_fused_projections_decode_bit_for_bit(
+    models: tuple[object, object], tiny_qwen3_dir: Path
+) -> None:
+    """As the server runs them on an NVIDIA GPU: q/k/v and gate/up fused, then compiled."""
+    stock, _ = models
+    fused = load(str(tiny_qwen3_dir)).model
+    assert fuse_projections(fused, force=True) > 0
+    assert compile_decode_blocks(fused) == len(fused.model.layers)
+    assert "qkv_proj" in fused.model.layers[0].self_attn
+    for ours, theirs in zip(
+        decode_alone(fused, PROMPTS[1], 8), decode_alone(stock, PROMPTS[1], 8), strict=True
+    ):
+        assert mx.array_equal(ours, theirs)
+    for ours, theirs in zip(
+        decode_batched(fused, PROMPTS, 6), decode_batched(stock, PROMPTS, 6), strict=True
     ):
         assert mx.array_equal(ours, theirs)
 

@@ -69,9 +69,10 @@ async def until(condition: object) -> None:
     raise AssertionError("not reached")
 
 
-@pytest.mark.parametrize(
-    "mode", ["model-blocks", "compiled-blocks", "decode-attention-kernel", "fused-projections"]
-)
+KERNEL_MODES = ("decode-attention-kernel", "fused-projections", "compiled-fused")
+
+
+@pytest.mark.parametrize("mode", ["model-blocks", "compiled-blocks", *KERNEL_MODES])
 def test_rows_joining_and_leaving_decode_as_if_alone(
     tiny_qwen3_dir: Path,
     references: list[list[int]],
@@ -98,12 +99,14 @@ def test_rows_joining_and_leaving_decode_as_if_alone(
 
         def setup() -> EngineModel:
             loaded = load(str(tiny_qwen3_dir))
-            if mode == "compiled-blocks":
-                assert compile_decode_blocks(loaded.model) > 0
-            if mode == "fused-projections":  # as on an NVIDIA GPU: with the kernel's path
+            # As on an NVIDIA GPU: fused projections with the kernel's path; compiled blocks
+            # around the model's own attention choice.
+            if mode in ("fused-projections", "compiled-fused"):
                 assert fuse_projections(loaded.model, force=True) > 0
-            if mode in ("decode-attention-kernel", "fused-projections"):
+            if mode in KERNEL_MODES:
                 assert enable_batch_decode_attention(loaded.model, force=True) > 0
+            if mode in ("compiled-blocks", "compiled-fused"):
+                assert compile_decode_blocks(loaded.model) > 0
             return EngineModel(loaded.model, loaded.vocab_size)
 
         await asyncio.wrap_future(engine.start(setup))
@@ -137,7 +140,7 @@ def test_rows_joining_and_leaving_decode_as_if_alone(
     assert outputs[2] == references[2][:8]
     # Each change between a sequence's own cache and a batch cache was exercised.
     assert modes == [True, False, True, False, True]
-    assert bool(kernel_calls) == (mode in ("decode-attention-kernel", "fused-projections"))
+    assert bool(kernel_calls) == (mode in KERNEL_MODES)
 
 
 def test_warm_up_runs_every_sampling_feature_and_leaves_no_trace(

@@ -333,8 +333,8 @@ def model_starter(
             )
             model = load(spec.name, context_length=args.context_length)
             # One matmul for q/k/v and one for gate/up on NVIDIA GPUs (models that offer it:
-            # Qwen3); the compiled blocks trace the separate projections, so not with those.
-            if not args.compiled_decode and fuse_projections(model.model):
+            # Qwen3).
+            if fuse_projections(model.model):
                 logger.info("%s: q/k/v and gate/up projections fused", spec.model_id)
             # Faster batched 4-bit matmuls on NVIDIA GPUs; a no-op elsewhere.
             set_staged_min_rows(args.staged_matmul_rows)

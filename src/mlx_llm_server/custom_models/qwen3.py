@@ -132,23 +132,29 @@ class Attention(nn.Module):
             queries = self.rope(queries)
             keys = self.rope(keys)
 
+        output = self.attend(queries, keys, values, mask, cache)
+        output = output.transpose(0, 2, 1, 3).reshape(B, L, -1)
+        return self.o_proj(output)
+
+    def attend(
+        self, queries: mx.array, keys: mx.array, values: mx.array, mask: Any, cache: Any
+    ) -> mx.array:
+        """Attention over (B, heads, L, head_dim) inputs, keys and values already cached (also
+        called by kernels/compiled_decode.py, which compiles what comes before and after)."""
         if (
             self.batch_decode_kernel
             and type(cache) is BatchKVCache
             and decode_attention.decode_attention_supported(queries, keys)
         ):
             # A decode step of a left-padded batch: each row skips its padding (no mask).
-            output = decode_attention.batch_decode_attention(
+            return decode_attention.batch_decode_attention(
                 queries, keys, values, cache.left_padding, self.scale
             )
-        else:
-            # mlx-lm's helper picks the quantized path for a quantized KV cache, else the fused
-            # kernel; the mask (causal, plus left padding for a batch) comes from the cache.
-            output = scaled_dot_product_attention(
-                queries, keys, values, cache=cache, scale=self.scale, mask=mask
-            )
-        output = output.transpose(0, 2, 1, 3).reshape(B, L, -1)
-        return self.o_proj(output)
+        # mlx-lm's helper picks the quantized path for a quantized KV cache, else the fused
+        # kernel; the mask (causal, plus left padding for a batch) comes from the cache.
+        return scaled_dot_product_attention(
+            queries, keys, values, cache=cache, scale=self.scale, mask=mask
+        )
 
 
 class MLP(nn.Module):

@@ -49,9 +49,18 @@ class CompiledDecodeBlock(nn.Module):
         def before_attention(x: mx.array, offset: mx.array) -> tuple[mx.array, ...]:
             batch, length, _ = x.shape
             normed = block.input_layernorm(x)
-            queries = attention.q_proj(normed).reshape(batch, length, attention.n_heads, -1)
-            keys = attention.k_proj(normed).reshape(batch, length, attention.n_kv_heads, -1)
-            values = attention.v_proj(normed).reshape(batch, length, attention.n_kv_heads, -1)
+            q_heads, kv_heads = attention.n_heads, attention.n_kv_heads
+            if "qkv_proj" in attention:  # fused q/k/v (kernels/fused_projections.py)
+                heads = attention.qkv_proj(normed).reshape(
+                    batch, length, q_heads + 2 * kv_heads, -1
+                )
+                queries = heads[:, :, :q_heads]
+                keys = heads[:, :, q_heads : q_heads + kv_heads]
+                values = heads[:, :, q_heads + kv_heads :]
+            else:
+                queries = attention.q_proj(normed).reshape(batch, length, q_heads, -1)
+                keys = attention.k_proj(normed).reshape(batch, length, kv_heads, -1)
+                values = attention.v_proj(normed).reshape(batch, length, kv_heads, -1)
             if has_qk_norm:
                 queries, keys = attention.q_norm(queries), attention.k_norm(keys)
             queries = attention.rope(queries.transpose(0, 2, 1, 3), offset=offset)
@@ -79,16 +88,31 @@ class CompiledDecodeBlock(nn.Module):
     def __call__(self, x: mx.array, mask: Any = None, cache: Any = None) -> mx.array:
         if x.shape[1] != 1 or type(cache) not in _CACHES:
             return self.block(x, mask, cache)
-        offset = cache.offset
-        if isinstance(offset, int):
-            offset = mx.array(offset, dtype=mx.int32)  # an input, so one trace serves all
-        queries, keys, values = self._before(x, offset)
+        queries, keys, values = self._before(x, _offset_array(cache.offset))
         keys, values = cache.update_and_fetch(keys, values)
         attention = self.block.self_attn
-        attended = mx.fast.scaled_dot_product_attention(
-            queries, keys, values, scale=attention.scale, mask=mask
-        )
+        attend = getattr(attention, "attend", None)
+        if attend is not None:  # the model's own choice of attention kernel
+            attended = attend(queries, keys, values, mask, cache)
+        else:
+            attended = mx.fast.scaled_dot_product_attention(
+                queries, keys, values, scale=attention.scale, mask=mask
+            )
         return self._after(x, attended)
+
+
+_last_offset: tuple[int, mx.array] | None = None
+
+
+def _offset_array(offset: int | mx.array) -> mx.array:
+    """A plain cache's position as an array input, so one trace serves every step; the blocks of
+    a step share one (each new array is a host-to-device copy)."""
+    global _last_offset
+    if not isinstance(offset, int):
+        return offset
+    if _last_offset is None or _last_offset[0] != offset:
+        _last_offset = (offset, mx.array(offset, dtype=mx.int32))
+    return _last_offset[1]
 
 
 def _eligible(block: nn.Module) -> bool:
@@ -96,11 +120,13 @@ def _eligible(block: nn.Module) -> bool:
         return False
     attention = getattr(block, "self_attn", None)
     mlp = getattr(block, "mlp", None)
-    needed = ("q_proj", "k_proj", "v_proj", "o_proj", "rope", "n_heads", "n_kv_heads", "scale")
+    needed = ("o_proj", "rope", "n_heads", "n_kv_heads", "scale")
+    projections = ("q_proj", "k_proj", "v_proj")
     return (
         attention is not None
         and mlp is not None
         and all(hasattr(attention, name) for name in needed)
+        and ("qkv_proj" in attention or all(hasattr(attention, name) for name in projections))
         and hasattr(block, "input_layernorm")
         and hasattr(block, "post_attention_layernorm")
     )
