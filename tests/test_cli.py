@@ -8,7 +8,14 @@ import sys
 
 import pytest
 
-from mlx_llm_server.cli import DEFAULT_MODEL, DEFAULT_PORT, build_parser, model_specs
+from mlx_llm_server.cli import (
+    COMPILED_DECODE_ROWS_CUDA,
+    DEFAULT_MODEL,
+    DEFAULT_PORT,
+    build_parser,
+    compiled_decode_rows,
+    model_specs,
+)
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -28,6 +35,17 @@ def test_defaults_are_the_specified_ones() -> None:
     assert args.port == DEFAULT_PORT == 9044
     assert args.host == "127.0.0.1"
     assert args.staged_matmul_rows == 49
+
+
+def test_compiled_decode_rows_default_by_device() -> None:
+    parser = build_parser()
+    args = parser.parse_args([])
+    assert compiled_decode_rows(args, cuda_gpu=True) == COMPILED_DECODE_ROWS_CUDA == 48
+    assert compiled_decode_rows(args, cuda_gpu=False) == 0  # the CPU and Apple silicon: stock
+    assert compiled_decode_rows(parser.parse_args(["--compiled-decode"]), cuda_gpu=False) is None
+    off = parser.parse_args(["--compiled-decode-rows", "0"])
+    assert compiled_decode_rows(off, cuda_gpu=True) == 0
+    assert compiled_decode_rows(parser.parse_args(["--compiled-decode-rows", "8"]), False) == 8
 
 
 def test_help_lists_the_options() -> None:

@@ -17,6 +17,7 @@ from mlx_llm_server.kernels.quantized_linear import (
     fused_supported,
     kernel_source,
     launch_shape,
+    set_one_row_fused,
     set_staged_min_rows,
 )
 from mlx_llm_server.kernels.quantized_linear import _default_fused_config as tile_shape
@@ -145,6 +146,12 @@ def test_path_choice_and_support() -> None:
     assert choose_path(1, 4096, 4096) == "stock"
     assert choose_path(1, 12288, 4096) == "stock"  # host cost beats the GPU saving
     assert choose_path(1, 151936, 4096) == "fused"
+    try:  # replayed compiled decode blocks: one row takes the fused kernel everywhere
+        set_one_row_fused(True)
+        assert choose_path(1, 4096, 4096) == choose_path(1, 1024, 4096) == "fused"
+    finally:
+        set_one_row_fused(False)
+    assert choose_path(1, 4096, 4096) == "stock"
     for rows in (2, 4, 16, 32, 64):  # a decode step: every layer, k/v included
         for n, k in ((4096, 4096), (1024, 4096), (12288, 4096), (4096, 12288), (151936, 4096)):
             assert choose_path(rows, n, k) == "fused"

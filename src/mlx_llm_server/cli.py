@@ -146,8 +146,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--compiled-decode",
         action="store_true",
-        help="decode steps through compiled transformer blocks (measured: faster on a host-bound "
-        "CPU at batch 8+, not on an H100; see bench/NOTES.md)",
+        help="decode steps of every batch size through compiled transformer blocks, on any "
+        "device (measured: faster on a host-bound CPU at batch 8+; see bench/NOTES.md)",
+    )
+    parser.add_argument(
+        "--compiled-decode-rows",
+        type=int,
+        default=None,
+        metavar="ROWS",
+        help="decode steps of up to ROWS rows run through compiled transformer blocks "
+        f"(default: {COMPILED_DECODE_ROWS_CUDA} on NVIDIA GPUs, 0 elsewhere; 0 turns them off)",
     )
     parser.add_argument(
         "--staged-matmul-rows",
@@ -309,6 +317,21 @@ def model_specs(args: argparse.Namespace) -> list[ModelSpec]:
     return specs
 
 
+# Decode steps of up to this many rows replay compiled blocks on NVIDIA GPUs: on an H200 they
+# took 8-row steps from 10.1 to 7.4 ms and one-row steps from 7.1 to 5.5 ms (with the fused
+# kernel on every layer), and made 64-row steps slower (bench/NOTES.md).
+COMPILED_DECODE_ROWS_CUDA = 48
+
+
+def compiled_decode_rows(args: argparse.Namespace, cuda_gpu: bool) -> int | None:
+    """The largest decode batch that runs compiled: None for every batch, 0 for none."""
+    if args.compiled_decode:
+        return None
+    if args.compiled_decode_rows is not None:
+        return max(args.compiled_decode_rows, 0)
+    return COMPILED_DECODE_ROWS_CUDA if cuda_gpu else 0
+
+
 def model_starter(
     args: argparse.Namespace, template_kwargs: dict[str, object]
 ) -> Callable[[ModelSpec], ServedModel]:
@@ -321,7 +344,12 @@ def model_starter(
             from .kernels.compiled_decode import compile_decode_blocks
             from .kernels.decode_attention import enable_batch_decode_attention
             from .kernels.fused_projections import fuse_projections
-            from .kernels.quantized_linear import accelerate_quantized_layers, set_staged_min_rows
+            from .kernels.quantized_linear import (
+                accelerate_quantized_layers,
+                cuda_gpu_is_default,
+                set_one_row_fused,
+                set_staged_min_rows,
+            )
             from .text.grammar import apply_grammar_masks
 
             path = resolve_model_path(spec.name)  # downloads show the hub's progress bars
@@ -347,9 +375,19 @@ def model_starter(
             if enable_batch_decode_attention(model.model):
                 logger.info("%s: batched decode attention uses the GPU kernel", spec.model_id)
             # After the swap above: the compiled functions trace whatever layers are in place.
-            if args.compiled_decode:
-                compiled = compile_decode_blocks(model.model)
-                logger.info("%s: %d blocks decode through compiled graphs", spec.model_id, compiled)
+            cuda_gpu = cuda_gpu_is_default()
+            max_rows = compiled_decode_rows(args, cuda_gpu)
+            if max_rows != 0:
+                compiled = compile_decode_blocks(model.model, max_rows)
+                if compiled:
+                    logger.info(
+                        "%s: %d blocks decode %s rows through compiled graphs",
+                        spec.model_id,
+                        compiled,
+                        "any number of" if max_rows is None else f"up to {max_rows}",
+                    )
+                    # Replayed, the fused kernel's host cost is paid once: it wins at one row.
+                    set_one_row_fused(cuda_gpu)
             loaded.append(model)
             return EngineModel(model.model, model.vocab_size, grammar_masker=apply_grammar_masks)
 

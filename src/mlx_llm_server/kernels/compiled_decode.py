@@ -40,9 +40,10 @@ _CACHES = (KVCache, BatchKVCache)
 class CompiledDecodeBlock(nn.Module):
     """Wraps one transformer block; its decode steps run through two compiled functions."""
 
-    def __init__(self, block: nn.Module) -> None:
+    def __init__(self, block: nn.Module, max_rows: int | None = None) -> None:
         super().__init__()
         self.block = block
+        self.max_rows = max_rows  # larger decode batches take the block's own path
         attention, mlp = block.self_attn, block.mlp
         has_qk_norm = hasattr(attention, "q_norm") and hasattr(attention, "k_norm")
 
@@ -86,7 +87,11 @@ class CompiledDecodeBlock(nn.Module):
             return getattr(self.block, name)
 
     def __call__(self, x: mx.array, mask: Any = None, cache: Any = None) -> mx.array:
-        if x.shape[1] != 1 or type(cache) not in _CACHES:
+        if (
+            x.shape[1] != 1
+            or type(cache) not in _CACHES
+            or (self.max_rows is not None and x.shape[0] > self.max_rows)
+        ):
             return self.block(x, mask, cache)
         queries, keys, values = self._before(x, _offset_array(cache.offset))
         keys, values = cache.update_and_fetch(keys, values)
@@ -132,8 +137,11 @@ def _eligible(block: nn.Module) -> bool:
     )
 
 
-def compile_decode_blocks(model: nn.Module) -> int:
-    """Wraps every eligible transformer block of `model` in place; returns how many."""
+def compile_decode_blocks(model: nn.Module, max_rows: int | None = None) -> int:
+    """Wraps every eligible transformer block of `model` in place; returns how many.
+
+    Decode steps of up to `max_rows` rows (every step when None) run compiled.
+    """
     inner = getattr(model, "model", None)
     layers = getattr(inner, "layers", None)
     if not isinstance(layers, list):
@@ -142,6 +150,6 @@ def compile_decode_blocks(model: nn.Module) -> int:
     for index, block in enumerate(layers):
         if isinstance(block, CompiledDecodeBlock) or not _eligible(block):
             continue
-        layers[index] = CompiledDecodeBlock(block)
+        layers[index] = CompiledDecodeBlock(block, max_rows)
         wrapped += 1
     return wrapped

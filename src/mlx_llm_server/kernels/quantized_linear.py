@@ -576,6 +576,7 @@ def dequantize_matmul(
 # it saves on all but the output head.
 _FUSED_MAX_ROWS = 64  # a decode step's rows (the engine runs 64 by default)
 _FUSED_ONE_ROW_MIN_WEIGHTS = 128 * 2**20  # one row: output-head-sized layers only
+_one_row_min_weights = _FUSED_ONE_ROW_MIN_WEIGHTS
 _DEQUANT_MIN_ROWS = 192  # dequantize + cuBLAS from here (prefill) ...
 _DEQUANT_MIN_WEIGHTS = 4096 * 4096  # ... for layers this large
 
@@ -631,12 +632,23 @@ def set_staged_min_rows(rows: int) -> None:
     _PLANS.clear()
 
 
+def set_one_row_fused(every_layer: bool) -> None:
+    """One-row calls take the fused kernel on every layer, not the output head alone.
+
+    For decode steps that replay compiled graphs (kernels/compiled_decode.py): there the
+    kernel's host cost per call, which outweighs its faster weight reads in a graph built op by
+    op, is paid once at tracing (one-row steps 5.9 -> 5.5 ms on an H200, bench/NOTES.md).
+    """
+    global _one_row_min_weights
+    _one_row_min_weights = 0 if every_layer else _FUSED_ONE_ROW_MIN_WEIGHTS
+
+
 def choose_path(m: int, n: int, k: int) -> str:
     """'fused', 'dequant' or 'stock' for a supported (N=n, K=k) layer called on ``m`` rows."""
     weights = n * k
     if m >= _DEQUANT_MIN_ROWS and weights >= _DEQUANT_MIN_WEIGHTS:
         return "dequant"
-    if m > _FUSED_MAX_ROWS or (m == 1 and weights < _FUSED_ONE_ROW_MIN_WEIGHTS):
+    if m > _FUSED_MAX_ROWS or (m == 1 and weights < _one_row_min_weights):
         return "stock"
     return "fused"
 
