@@ -34,13 +34,13 @@ def test_defaults_are_the_specified_ones() -> None:
     assert spec.name == spec.model_id == DEFAULT_MODEL == "mlx-community/Qwen3-8B-4bit"
     assert args.port == DEFAULT_PORT == 9044
     assert args.host == "127.0.0.1"
-    assert args.staged_matmul_rows == 49
+    assert args.staged_matmul_rows == 65  # the staged kernel off
 
 
 def test_compiled_decode_rows_default_by_device() -> None:
     parser = build_parser()
     args = parser.parse_args([])
-    assert compiled_decode_rows(args, cuda_gpu=True) == COMPILED_DECODE_ROWS_CUDA == 48
+    assert compiled_decode_rows(args, cuda_gpu=True) == COMPILED_DECODE_ROWS_CUDA == 64
     assert compiled_decode_rows(args, cuda_gpu=False) == 0  # the CPU and Apple silicon: stock
     assert compiled_decode_rows(parser.parse_args(["--compiled-decode"]), cuda_gpu=False) is None
     off = parser.parse_args(["--compiled-decode-rows", "0"])

@@ -171,29 +171,27 @@ QWEN3_8B_WIDTHS = (1024, 4096, 6144, 12288, 24576, 151936)  # k/v, q/o/down, qkv
 
 
 def test_tile_shapes_by_rows_and_width() -> None:
-    # Up to 48 rows the unstaged kernel; from 49 the staged one, chosen by the layer's width.
-    for m in (1, 2, 8, 16, 32, 48):
+    # By default the unstaged kernel at every row count.
+    for m in (1, 2, 8, 16, 32, 48, 49, 64):
         for n in QWEN3_8B_WIDTHS:
             assert tile_shape(m, n).nw == 1
-    assert tile_shape(64, 151936) == FusedConfig(mt=4, rt=1, kw=1, nw=8)
-    assert tile_shape(64, 24576) == FusedConfig(mt=8, rt=1, kw=2, nw=4)
-    assert tile_shape(49, 12288) == FusedConfig(mt=4, rt=1, kw=2, nw=4)
-    assert tile_shape(64, 4096) == FusedConfig(mt=4, rt=1, kw=2, nw=2)
-    assert tile_shape(64, 1040).nw == 1  # not a multiple of the staged block's 32 features
-    # 64 rows of a 4096-wide layer: 128 blocks of 32 features x 32 rows, 4 warps each.
-    assert launch_shape(tile_shape(64, 4096), 64, 4096) == ((128 * 128, 2, 1), (128, 1, 1))
     assert launch_shape(tile_shape(1, 4096), 1, 4096) == ((256 * 128, 1, 1), (128, 1, 1))
-
-
-def test_the_staged_kernel_can_start_later_or_never() -> None:
     try:
-        set_staged_min_rows(65)  # `--staged-matmul-rows 65`
-        assert all(tile_shape(m, n).nw == 1 for m in range(1, 65) for n in QWEN3_8B_WIDTHS)
+        set_staged_min_rows(49)  # `--staged-matmul-rows 49`: staged from 49, by the layer's width
+        for n in QWEN3_8B_WIDTHS:
+            assert tile_shape(48, n).nw == 1
+        assert tile_shape(64, 151936) == FusedConfig(mt=4, rt=1, kw=1, nw=8)
+        assert tile_shape(64, 24576) == FusedConfig(mt=8, rt=1, kw=2, nw=4)
+        assert tile_shape(49, 12288) == FusedConfig(mt=4, rt=1, kw=2, nw=4)
+        assert tile_shape(64, 4096) == FusedConfig(mt=4, rt=1, kw=2, nw=2)
+        assert tile_shape(64, 1040).nw == 1  # not a multiple of the staged block's 32 features
+        # 64 rows of a 4096-wide layer: 128 blocks of 32 features x 32 rows, 4 warps each.
+        assert launch_shape(tile_shape(64, 4096), 64, 4096) == ((128 * 128, 2, 1), (128, 1, 1))
         set_staged_min_rows(33)
         assert tile_shape(33, 4096).nw == 2 and tile_shape(32, 4096).nw == 1
     finally:
         set_staged_min_rows(STAGED_MIN_ROWS)
-    assert tile_shape(49, 4096).nw == 2 and tile_shape(48, 4096).nw == 1
+    assert tile_shape(64, 4096).nw == 1
 
 
 def test_every_chosen_tile_shape_fits_an_sm() -> None:

@@ -163,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=STAGED_MIN_ROWS,
         metavar="ROWS",
         help="on NVIDIA GPUs, 4-bit matmuls of this many rows or more (up to 64) take the kernel "
-        "that stages activations in shared memory; 65 turns it off (default: %(default)s)",
+        "that stages activations in shared memory (default: %(default)s, which is never)",
     )
     parser.add_argument(
         "--custom-model",
@@ -317,10 +317,10 @@ def model_specs(args: argparse.Namespace) -> list[ModelSpec]:
     return specs
 
 
-# Decode steps of up to this many rows replay compiled blocks on NVIDIA GPUs: on an H200 they
-# took 8-row steps from 10.1 to 7.4 ms and one-row steps from 7.1 to 5.5 ms (with the fused
-# kernel on every layer), and made 64-row steps slower (bench/NOTES.md).
-COMPILED_DECODE_ROWS_CUDA = 48
+# Decode steps of up to this many rows (the default batch: all) replay compiled blocks on NVIDIA
+# GPUs. On an H200 they took one-row steps over HTTP from 6.6 to 5.0 ms (with the fused kernel
+# on every layer) and 64-row steps from 22.1 to 19.8 ms (bench/NOTES.md).
+COMPILED_DECODE_ROWS_CUDA = 64
 
 
 def compiled_decode_rows(args: argparse.Namespace, cuda_gpu: bool) -> int | None:

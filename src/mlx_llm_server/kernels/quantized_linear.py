@@ -596,7 +596,10 @@ def _unstaged_config(m: int, n: int) -> FusedConfig:
     return FusedConfig(mt=mt, rt=1, kw=4)
 
 
-STAGED_MIN_ROWS = 49  # default of `--staged-matmul-rows`
+# Default of `--staged-matmul-rows`: never. In 64-row steps of the step benchmark the staged
+# kernel won (18.4 -> 14.9 ms), but over HTTP on the same H200 64-row steps took 33.7-38.5 ms
+# with it against 22.1 without (bench/NOTES.md, "H200: compiled decode blocks").
+STAGED_MIN_ROWS = 65
 _staged_min_rows = STAGED_MIN_ROWS
 
 # (smallest N, config) for the staged kernel from `_staged_min_rows` rows, widest layers first:
@@ -613,10 +616,10 @@ _STAGED_BY_WIDTH = (
 def _default_fused_config(m: int, n: int) -> FusedConfig:
     """Tile shape for ``m`` rows of an ``n``-feature layer.
 
-    Up to 48 rows the unstaged kernel: in whole decode steps on an H200 the staged one was no
-    faster there (a layer's calls run one after another, and its blocks of 64-128 output
-    features leave SMs idle). From 49 rows the staged kernel, whose activation reads from
-    shared memory outweigh that: a 64-row step took 14.9 ms against 18.4 (bench/NOTES.md).
+    The unstaged kernel below ``_staged_min_rows`` (by default at every row count). Up to 48
+    rows the staged one was no faster even in the step benchmark (a layer's calls run one after
+    another, and its blocks of 64-128 output features leave SMs idle); above, it won there but
+    lost over HTTP (bench/NOTES.md).
     """
     if m >= _staged_min_rows:
         for min_width, cfg in _STAGED_BY_WIDTH:
