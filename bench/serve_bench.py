@@ -4,7 +4,10 @@ Starts both servers, drives N concurrent streaming clients (fixed prompt and out
 end-of-sequence suppressed with logit_bias so every request generates exactly --output-tokens),
 and prints per server and N: aggregate output tokens/s, TTFT p50/p99, inter-token latency
 p50/p99, and the ratio ours/theirs. A second scenario replays a 10-turn chat and prints the
-time to first token of every turn.
+time to first token of every turn. With --raw, a separate process first times mlx-lm's own
+`generate_step` on one stream (no server) and the device's copy bandwidth, and the one-stream
+figures are printed against both: the bandwidth bound is the copy rate over the weights' bytes,
+as every decoded token reads all of them once.
 
     python bench/serve_bench.py                        # tiny random Qwen3, CPU
     python bench/serve_bench.py --model PATH --clients 1,8,32,64 --output-tokens 128
@@ -380,6 +383,54 @@ async def chat_turns(server: Server, turns: int, output_tokens: int) -> list[flo
     return ttfts
 
 
+RAW_REFERENCE = """
+import json, sys, time
+from pathlib import Path
+import mlx.core as mx
+from mlx_lm import load
+from mlx_lm.generate import generate_step
+
+folder, tokens = Path(sys.argv[1]), int(sys.argv[2])
+model, _ = load(str(folder))
+weights = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+prompt = mx.array(list(range(1000, 1064)))
+for _ in generate_step(prompt, model, max_tokens=16):  # first use of every shape
+    pass
+rates = []
+for _ in range(3):
+    stamps = [time.perf_counter() for _ in generate_step(prompt, model, max_tokens=tokens)]
+    rates.append((len(stamps) - 1) / (stamps[-1] - stamps[0]))  # decode only, after the first
+source = mx.zeros((1 << 29,), dtype=mx.float32)  # 2 GiB
+mx.eval(source)
+copies = []
+for _ in range(12):
+    mx.synchronize()
+    started = time.perf_counter()
+    mx.eval(source + 1)
+    mx.synchronize()
+    copies.append(time.perf_counter() - started)
+copy_gb_s = 2 * source.nbytes / sorted(copies)[len(copies) // 2] / 1e9  # read + write
+print(json.dumps({"generate_step_tok_s": sorted(rates)[1], "weights_gb": weights / 1e9,
+                  "copy_gb_s": copy_gb_s, "device": str(mx.default_device())}))
+"""
+
+
+def raw_reference(model_dir: Path, tokens: int, env: dict[str, str]) -> dict[str, float] | None:
+    """mlx-lm's `generate_step` tokens/s on one stream, the weights' GB and the copy GB/s."""
+    done = subprocess.run(
+        [sys.executable, "-c", RAW_REFERENCE, str(model_dir), str(tokens)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    lines = done.stdout.strip().splitlines()
+    if done.returncode != 0 or not lines:
+        print(f"  raw reference failed: {done.stderr.strip()[-400:]}", flush=True)
+        return None
+    return json.loads(lines[-1])
+
+
 def build_model(kind: str, folder: Path, tokenizer_dir: Path | None) -> Path:
     sys.path.insert(0, str(ROOT / "tests"))
     import mlx.core as mx
@@ -454,6 +505,11 @@ def main() -> int:
         "--trace-memory", action="store_true", help="sample this server's memory during rounds"
     )
     parser.add_argument("--openblas", action="store_true", help="preload Debian's OpenBLAS (CPU)")
+    parser.add_argument(
+        "--raw",
+        action="store_true",
+        help="also time mlx-lm's generate_step alone and the copy bandwidth (one stream's bounds)",
+    )
     parser.add_argument("--json-out", type=Path)
     parser.add_argument("--log-dir", type=Path, default=Path(tempfile.gettempdir()) / "serve-bench")
     args = parser.parse_args()
@@ -496,6 +552,13 @@ def main() -> int:
             "WARNING",
         ],
     }
+    raw = raw_reference(model_dir, args.output_tokens, env) if args.raw else None
+    if raw is not None:
+        print(
+            f"  raw generate_step {raw['generate_step_tok_s']:.1f} tok/s; copy "
+            f"{raw['copy_gb_s']:,.0f} GB/s over {raw['weights_gb']:.2f} GB of weights",
+            flush=True,
+        )
     model_ids = {"ours": "bench", "mlx_lm": str(model_dir)}
     client_counts = [int(c) for c in args.clients.split(",")]
     names = args.servers.split(",")
@@ -592,6 +655,25 @@ def main() -> int:
             print(
                 f"{n:>3} {ours.throughput / theirs.throughput:18.2f} {ours.ttft(99) / theirs.ttft(99):15.2f}"
             )
+    if raw is not None and 1 in client_counts:
+        bound = raw["copy_gb_s"] / raw["weights_gb"]
+        print()
+        print(
+            f"one stream against its bounds ({raw['device']}): raw generate_step "
+            f"{raw['generate_step_tok_s']:.1f} tok/s; bandwidth bound {bound:.0f} tok/s "
+            f"({raw['copy_gb_s']:,.0f} GB/s copy / {raw['weights_gb']:.2f} GB)"
+        )
+        for name in names:
+            # Decode alone, as generate_step is timed: tokens after the first over the time from
+            # the first chunk to the last (a chunk may carry several tokens).
+            timings = results[name][1].timings
+            spent = sum(sum(timing.gaps) for timing in timings)
+            decode = sum(timing.tokens - 1 for timing in timings) / spent if spent else float("nan")
+            print(
+                f"  {name:8} decode {decode:7.1f} tok/s over HTTP = "
+                f"{decode / raw['generate_step_tok_s']:.2f}x generate_step, "
+                f"{decode / bound:.0%} of the bound"
+            )
     print()
     print("10-turn chat, TTFT per turn (s):")
     for name in names:
@@ -618,6 +700,8 @@ def main() -> int:
         payload["turns"] = turns  # type: ignore[assignment]
         payload["startup"] = startup  # type: ignore[assignment]
         payload["cold_ttft"] = cold  # type: ignore[assignment]
+        if raw is not None:
+            payload["raw"] = raw  # type: ignore[assignment]
         args.json_out.write_text(json.dumps(payload, indent=2))
     return 0
 
