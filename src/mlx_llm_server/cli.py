@@ -318,8 +318,9 @@ def model_specs(args: argparse.Namespace) -> list[ModelSpec]:
 
 
 # Decode steps of up to this many rows (the default batch: all) replay compiled blocks on NVIDIA
-# GPUs. On an H200 they took one-row steps over HTTP from 6.6 to 5.0 ms (with the fused kernel
-# on every layer) and 64-row steps from 22.1 to 19.8 ms (bench/NOTES.md).
+# GPUs. Over HTTP on H200s they took one-row steps from 6.6 to 5.0 ms and from 8.2-8.5 to
+# 7.3-7.7 (with the fused kernel on every layer), and 64-row steps from 22.1 to 19.8 ms on one
+# machine, no change (22.3 ms) on another (bench/NOTES.md).
 COMPILED_DECODE_ROWS_CUDA = 64
 
 
