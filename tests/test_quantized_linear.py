@@ -195,19 +195,25 @@ def test_tile_shapes_by_rows_and_width() -> None:
 
 
 def test_every_chosen_tile_shape_fits_an_sm() -> None:
-    """Register and shared-memory budgets of the shapes the server picks (registers as
-    `bench/kernel_build_check.py` reports them: 96-156 a thread, 237 for mt=4 rt=2)."""
-    for m in range(1, 65):
-        for n in QWEN3_8B_WIDTHS:
-            cfg = tile_shape(m, n)
-            _, (threads, _, _) = launch_shape(cfg, m, n)
-            assert n % (16 * cfg.rt * cfg.nw) == 0
-            registers = 237 if cfg.rt == 2 else 160
-            assert threads * registers <= 65536
-            assert shared_bytes(cfg) <= 227 * 1024
-            _, body = kernel_source(cfg, 64, mx.bfloat16)
-            assert f"constexpr int NW = {cfg.nw};" in body
-            assert ("cp.async" in body) == (cfg.nw > 1)
+    """Register and shared-memory budgets of the shapes the server picks, by default and with
+    the staged kernel from one row (registers as `bench/kernel_build_check.py` reports them:
+    96-156 a thread, 237 for mt=4 rt=2)."""
+    chosen = {(m, n): tile_shape(m, n) for m in range(1, 65) for n in QWEN3_8B_WIDTHS}
+    try:
+        set_staged_min_rows(1)
+        staged = {(m, n): tile_shape(m, n) for m in range(1, 65) for n in QWEN3_8B_WIDTHS}
+    finally:
+        set_staged_min_rows(STAGED_MIN_ROWS)
+    assert any(cfg.nw > 1 for cfg in staged.values())
+    for (m, n), cfg in [*chosen.items(), *staged.items()]:
+        _, (threads, _, _) = launch_shape(cfg, m, n)
+        assert n % (16 * cfg.rt * cfg.nw) == 0
+        registers = 237 if cfg.rt == 2 else 160
+        assert threads * registers <= 65536
+        assert shared_bytes(cfg) <= 227 * 1024
+        _, body = kernel_source(cfg, 64, mx.bfloat16)
+        assert f"constexpr int NW = {cfg.nw};" in body
+        assert ("cp.async" in body) == (cfg.nw > 1)
 
 
 def test_routing_on_a_cuda_device(monkeypatch: pytest.MonkeyPatch) -> None:
