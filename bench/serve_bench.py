@@ -383,42 +383,10 @@ async def chat_turns(server: Server, turns: int, output_tokens: int) -> list[flo
     return ttfts
 
 
-RAW_REFERENCE = """
-import json, sys, time
-from pathlib import Path
-import mlx.core as mx
-from mlx_lm import load
-from mlx_lm.generate import generate_step
-
-folder, tokens = Path(sys.argv[1]), int(sys.argv[2])
-model, _ = load(str(folder))
-weights = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
-prompt = mx.array(list(range(1000, 1064)))
-for _ in generate_step(prompt, model, max_tokens=16):  # first use of every shape
-    pass
-rates = []
-for _ in range(3):
-    stamps = [time.perf_counter() for _ in generate_step(prompt, model, max_tokens=tokens)]
-    rates.append((len(stamps) - 1) / (stamps[-1] - stamps[0]))  # decode only, after the first
-source = mx.zeros((1 << 29,), dtype=mx.float32)  # 2 GiB
-mx.eval(source)
-copies = []
-for _ in range(12):
-    mx.synchronize()
-    started = time.perf_counter()
-    mx.eval(source + 1)
-    mx.synchronize()
-    copies.append(time.perf_counter() - started)
-copy_gb_s = 2 * source.nbytes / sorted(copies)[len(copies) // 2] / 1e9  # read + write
-print(json.dumps({"generate_step_tok_s": sorted(rates)[1], "weights_gb": weights / 1e9,
-                  "copy_gb_s": copy_gb_s, "device": str(mx.default_device())}))
-"""
-
-
 def raw_reference(model_dir: Path, tokens: int, env: dict[str, str]) -> dict[str, float] | None:
     """mlx-lm's `generate_step` tokens/s on one stream, the weights' GB and the copy GB/s."""
     done = subprocess.run(
-        [sys.executable, "-c", RAW_REFERENCE, str(model_dir), str(tokens)],
+        [sys.executable, str(ROOT / "bench" / "one_stream_bounds.py"), str(model_dir), str(tokens)],
         env=env,
         capture_output=True,
         text=True,
