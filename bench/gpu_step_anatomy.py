@@ -29,12 +29,6 @@ Part 1 runs the batch cache twice: MLX's masked attention, then the decode-atten
    on every layer (which differ at one row only); settings alternate over `--repeats` rounds,
    median (fastest) ms a step, and the first round's unpipelined build / evaluate.
 
-9. One row with the whole step compiled (`SoloDecodeStep`, kernels/compiled_decode.py) against
-   compiled blocks, at each KV length: the window-attention kernels' largest error against MLX's
-   masked attention, then steady ms (fastest), unpipelined build / evaluate, the peak memory a
-   step adds (a multiple of the KV cache's size: near 0 when the cache is updated in place), and
-   the first call at a new cache capacity (tracing).
-
 `--parts` picks which (e.g. `1,5`).
 
     python bench/gpu_step_anatomy.py --rows 1,64 --lengths 16,256,640
@@ -45,11 +39,9 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
-import re
 import statistics
 import sys
 import time
-from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -136,26 +128,16 @@ def plain_caches(args: Any, rows: int, length: int, steps: int) -> list[Any]:
     return caches
 
 
-Forward = Callable[[Any, list[Any]], Any]  # (tokens (rows, 1), cache) -> logits (rows, vocab)
-
-
-def model_forward(model: Any) -> Forward:
-    return lambda tokens, cache: model(tokens, cache=cache)[:, -1, :]
-
-
-def steady_ms(
-    model: Any, cache: list[Any], rows: int, steps: int, forward: Forward | None = None
-) -> tuple[float, float]:
+def steady_ms(model: Any, cache: list[Any], rows: int, steps: int) -> tuple[float, float]:
     """Median ms a step, pipelined as the engine runs; and the median graph-building ms."""
     import mlx.core as mx
 
-    forward = forward or model_forward(model)
     tokens = mx.zeros((rows, 1), dtype=mx.uint32)
     pending = None
     stamps, builds = [], []
     for _ in range(steps):
         started = time.perf_counter()
-        logits = forward(tokens, cache)
+        logits = model(tokens, cache=cache)[:, -1, :]
         tokens = mx.argmax(logits, axis=-1, keepdims=True)
         mx.async_eval(tokens)
         builds.append(time.perf_counter() - started)
@@ -167,18 +149,15 @@ def steady_ms(
     return statistics.median(gaps) * 1e3, statistics.median(builds[4:]) * 1e3
 
 
-def unpipelined_ms(
-    model: Any, cache: list[Any], rows: int, steps: int, forward: Forward | None = None
-) -> tuple[float, float]:
+def unpipelined_ms(model: Any, cache: list[Any], rows: int, steps: int) -> tuple[float, float]:
     """Median ms building one step's graph, and evaluating it with nothing else in flight."""
     import mlx.core as mx
 
-    forward = forward or model_forward(model)
     tokens = mx.zeros((rows, 1), dtype=mx.uint32)
     builds, evals = [], []
     for _ in range(steps):
         started = time.perf_counter()
-        logits = forward(tokens, cache)
+        logits = model(tokens, cache=cache)[:, -1, :]
         tokens = mx.argmax(logits, axis=-1, keepdims=True)
         built = time.perf_counter()
         mx.eval(tokens)
@@ -462,118 +441,6 @@ def part_compiled_blocks(
         layer.force_path = None
 
 
-def part_solo_step(model: Any, args: Any, lengths: list[int], steps: int, repeats: int) -> None:
-    """The whole one-row step compiled (`SoloDecodeStep`) against compiled blocks, as the server
-    runs one stream (fused kernel on every layer at one row); the window-attention kernels
-    against MLX's masked attention first."""
-    import mlx.core as mx
-
-    from mlx_llm_server.kernels.compiled_decode import SoloDecodeStep
-    from mlx_llm_server.kernels.decode_attention import (
-        reference_window_attention,
-        window_decode_attention,
-    )
-    from mlx_llm_server.kernels.quantized_linear import set_one_row_fused
-
-    print("\n## 9. One row: the whole step compiled against compiled blocks\n", flush=True)
-    heads, kv_heads = args.num_attention_heads, args.num_key_value_heads
-    head_dim = kv_shape(args, 1, 1)[3]
-    scale = head_dim**-0.5
-    worst = 0.0
-    for dtype in (mx.bfloat16, mx.float16):
-        for count in (1, 2, 8):
-            for cap, end in ((256, 1), (256, 7), (768, 640), (2304, 2049), (8192, 8000)):
-                k1, k2, k3, k4 = mx.random.split(mx.random.key(count * 10_000 + end), 4)
-                q = mx.random.normal((count, heads, 1, head_dim), key=k1).astype(dtype)
-                k = mx.random.normal((count, kv_heads, cap, head_dim), key=k2).astype(dtype)
-                v = mx.random.normal((count, kv_heads, cap, head_dim), key=k3).astype(dtype)
-                start = mx.random.randint(0, end, (count,), key=k4).astype(mx.int32)
-                start[0] = 0
-                stop = mx.array(end, dtype=mx.int32)
-                ours = window_decode_attention(q, k, v, start, stop, scale).astype(mx.float32)
-                ref = reference_window_attention(q, k, v, start, stop, scale).astype(mx.float32)
-                err = (mx.abs(ours - ref).max() / mx.abs(ref).max()).item()
-                assert not mx.isnan(ours).any().item(), "NaN from the window kernels"
-                worst = max(worst, err)
-    print(
-        f"| window attention, largest relative error (bf16, f16; rows 1-8; KV 1-8000) | "
-        f"{worst:.2e} |\n",
-        flush=True,
-    )
-
-    sdpa = mx.fast.scaled_dot_product_attention
-    no_padding = mx.zeros((1,), dtype=mx.int32)
-    for length in lengths:
-        cap = capacity_for(length, 1)
-        q = mx.random.normal((1, heads, 1, head_dim), dtype=mx.bfloat16)
-        k = mx.random.normal((1, kv_heads, cap, head_dim), dtype=mx.bfloat16)
-        end = mx.array(length, dtype=mx.int32)
-        window = per_call_us(
-            lambda q=q, k=k, end=end: window_decode_attention(q, k, k, no_padding, end, scale)
-        )
-        stock = per_call_us(
-            lambda q=q, k=k[..., :length, :]: sdpa(q, k, k, scale=scale)  # type: ignore[misc]
-        )
-        print(
-            f"| one row, KV {length}: window kernels / MLX on the cache's slice | "
-            f"{window:.1f} / {stock:.1f} us a call |",
-            flush=True,
-        )
-
-    set_compiled_blocks(model, True)
-    set_one_row_fused(True)
-    solo = SoloDecodeStep.for_model(model)
-    assert solo is not None, "the model's blocks are not all compiled"
-    settings: dict[str, Forward] = {
-        "compiled blocks": model_forward(model),
-        "whole step compiled": lambda tokens, cache: solo(tokens, cache),
-    }
-    for name, forward in settings.items():
-        cache = plain_caches(args, 1, lengths[0], 8)
-        logits = forward(mx.zeros((1, 1), dtype=mx.uint32), cache)
-        dot = Path(f"/tmp/step-{name.replace(' ', '-')}.dot")
-        mx.export_to_dot(str(dot), logits, *[a for c in cache for a in (c.keys, c.values)])
-        kinds = Counter(re.findall(r'label ="([A-Za-z]+)', dot.read_text()))
-        print(
-            f"| graph nodes, {name} | {sum(kinds.values())}: "
-            + ", ".join(f"{kind} {n}" for kind, n in kinds.most_common(12))
-            + " |",
-            flush=True,
-        )
-        mx.eval(logits)
-        del cache, logits
-    print()
-    print("| KV length | " + " | ".join(settings) + " | first call at a new capacity |")
-    print("|---:|" + "---:|" * (len(settings) + 1))
-    for length in lengths:
-        times: dict[str, list[float]] = {name: [] for name in settings}
-        split: dict[str, str] = {}
-        trace = ""
-        for round_ in range(repeats):
-            for name, forward in settings.items():
-                cache = plain_caches(args, 1, length, steps + 12)
-                if round_ == 0 and forward is not settings["compiled blocks"]:
-                    started = time.perf_counter()
-                    mx.eval(forward(mx.zeros((1, 1), dtype=mx.uint32), cache))
-                    trace = f"{(time.perf_counter() - started) * 1e3:.1f} ms"
-                cache_bytes = sum(c.keys.nbytes + c.values.nbytes for c in cache)
-                mx.reset_peak_memory()
-                before = mx.get_active_memory()
-                times[name].append(steady_ms(model, cache, 1, steps, forward)[0])
-                growth = (mx.get_peak_memory() - before) / max(cache_bytes, 1)
-                if round_ == 0:
-                    build, evaluate = unpipelined_ms(model, cache, 1, 10, forward)
-                    split[name] = f"; {build:.2f} / {evaluate:.2f}; peak +{growth:.2f}x cache"
-                del cache
-                mx.clear_cache()
-        cells = [
-            f"{statistics.median(times[n]):.2f} ({min(times[n]):.2f}){split[n]}" for n in settings
-        ]
-        print(f"| {length} | " + " | ".join(cells) + f" | {trace} |", flush=True)
-    set_one_row_fused(False)
-    set_compiled_blocks(model, False)
-
-
 def per_call_us(action: Callable[[], Any], calls: int = 40) -> float:
     import mlx.core as mx
 
@@ -730,8 +597,6 @@ def main() -> int:
         part_batch_paths(model, model_args, [r for r in rows if r > 1], max(lengths), args.steps)
     if 8 in parts:
         part_compiled_blocks(model, model_args, rows, max(lengths), args.steps, args.repeats)
-    if 9 in parts:
-        part_solo_step(model, model_args, lengths, args.steps, args.repeats)
     return 0
 
 

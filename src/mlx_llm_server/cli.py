@@ -158,13 +158,6 @@ def build_parser() -> argparse.ArgumentParser:
         f"(default: {COMPILED_DECODE_ROWS_CUDA} on NVIDIA GPUs, 0 elsewhere; 0 turns them off)",
     )
     parser.add_argument(
-        "--compiled-solo-step",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="with compiled decode blocks, one stream decodes through one compiled function of "
-        "the whole model (default: on NVIDIA GPUs, where its attention kernels run)",
-    )
-    parser.add_argument(
         "--staged-matmul-rows",
         type=int,
         default=STAGED_MIN_ROWS,
@@ -349,7 +342,7 @@ def model_starter(
         loaded: list[LoadedModel] = []
 
         def setup() -> EngineModel:
-            from .kernels.compiled_decode import SoloDecodeStep, compile_decode_blocks
+            from .kernels.compiled_decode import compile_decode_blocks
             from .kernels.decode_attention import enable_batch_decode_attention
             from .kernels.fused_projections import fuse_projections
             from .kernels.quantized_linear import (
@@ -385,7 +378,6 @@ def model_starter(
             # After the swap above: the compiled functions trace whatever layers are in place.
             cuda_gpu = cuda_gpu_is_default()
             max_rows = compiled_decode_rows(args, cuda_gpu)
-            solo_decode = None
             if max_rows != 0:
                 compiled = compile_decode_blocks(model.model, max_rows)
                 if compiled:
@@ -397,20 +389,8 @@ def model_starter(
                     )
                     # Replayed, the fused kernel's host cost is paid once: it wins at one row.
                     set_one_row_fused(cuda_gpu)
-                solo_wanted = args.compiled_solo_step
-                if cuda_gpu if solo_wanted is None else solo_wanted:
-                    solo_decode = SoloDecodeStep.for_model(model.model)
-                    if solo_decode is not None:
-                        logger.info(
-                            "%s: one stream decodes through one compiled step", spec.model_id
-                        )
             loaded.append(model)
-            return EngineModel(
-                model.model,
-                model.vocab_size,
-                grammar_masker=apply_grammar_masks,
-                solo_decode=solo_decode,
-            )
+            return EngineModel(model.model, model.vocab_size, grammar_masker=apply_grammar_masks)
 
         engine.start(setup).result()
         logger.info(

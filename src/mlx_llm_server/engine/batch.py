@@ -27,8 +27,6 @@ from .sampling import SampleOutput, SamplingBatch
 from .types import GenerationRequest
 
 GrammarMasker = Callable[[mx.array, list[Any]], mx.array]
-# (tokens (1, 1), a solo row's cache) -> logits (1, vocab), or None where it does not apply.
-SoloDecode = Callable[[mx.array, list[Any]], mx.array | None]
 
 logger = logging.getLogger(__name__)
 
@@ -165,17 +163,10 @@ def extract_row(cache: list[Any], row: int) -> list[Any]:
 
 
 class DecodeBatch:
-    def __init__(
-        self,
-        model: nn.Module,
-        vocab_size: int,
-        grammar_masker: GrammarMasker | None,
-        solo_decode: SoloDecode | None = None,
-    ):
+    def __init__(self, model: nn.Module, vocab_size: int, grammar_masker: GrammarMasker | None):
         self.model = model
         self.vocab_size = vocab_size
         self.grammar_masker = grammar_masker
-        self.solo_decode = solo_decode
         self.sequences: list[Sequence] = []
         self.cache: list[Any] = []
         self.sampling: SamplingBatch | None = None
@@ -274,12 +265,7 @@ class DecodeBatch:
             for token, matcher in zip(read, matchers, strict=True):
                 if matcher is not None:
                     matcher.accept_token(token.token_id)
-        tokens = current.tokens[:, None]
-        logits = None
-        if self.solo and self.solo_decode is not None:
-            logits = self.solo_decode(tokens, self.cache)
-        if logits is None:
-            logits = self.model(tokens, cache=self.cache)[:, -1, :]
+        logits = self.model(current.tokens[:, None], cache=self.cache)[:, -1, :]
         if constrained and self.grammar_masker is not None:
             logits = self.grammar_masker(logits, matchers)
         self.pending = self.sampling.sample(logits)

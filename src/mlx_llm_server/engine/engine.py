@@ -27,15 +27,7 @@ import mlx.nn as nn
 from mlx_lm.models.cache import KVCache, make_prompt_cache
 
 from ..errors import EngineError, ServerOverloadedError, ServiceUnavailableError
-from .batch import (
-    DecodeBatch,
-    GrammarMasker,
-    ReadToken,
-    Sequence,
-    SoloDecode,
-    evaluate,
-    merge_caches,
-)
+from .batch import DecodeBatch, GrammarMasker, ReadToken, Sequence, evaluate, merge_caches
 from .prefix_cache import PrefixCache
 from .sampling import SampleOutput, SamplingBatch
 from .types import (
@@ -168,9 +160,6 @@ class EngineModel:
     model: nn.Module
     vocab_size: int
     grammar_masker: GrammarMasker | None = None
-    # A faster one-row decode step on the sequence's own cache, if the model has one
-    # (kernels/compiled_decode.py's SoloDecodeStep); it returns None where it does not apply.
-    solo_decode: SoloDecode | None = None
 
 
 class Engine:
@@ -272,9 +261,7 @@ class Engine:
         try:
             loaded = setup()
             self.model = loaded.model
-            self._batch = DecodeBatch(
-                loaded.model, loaded.vocab_size, loaded.grammar_masker, loaded.solo_decode
-            )
+            self._batch = DecodeBatch(loaded.model, loaded.vocab_size, loaded.grammar_masker)
             self.vocab_size = loaded.vocab_size
             started_warm_up = time.monotonic()
             self._warm_up()

@@ -24,9 +24,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.cache import BatchKVCache, KVCache
 
-from .decode_attention import window_decode_attention
-
-__all__ = ["CompiledDecodeBlock", "SoloDecodeStep", "compile_decode_blocks"]
+__all__ = ["CompiledDecodeBlock", "compile_decode_blocks"]
 
 _BLOCK_MODULES = frozenset(
     {
@@ -76,9 +74,6 @@ class CompiledDecodeBlock(nn.Module):
             h = x + attention.o_proj(merged)
             return h + mlp(block.post_attention_layernorm(h))
 
-        # Kept uncompiled too: a whole decode step (`SoloDecodeStep`) traces them inline.
-        self.before_attention = before_attention
-        self.after_attention = after_attention
         self._before: Callable[..., Any] = mx.compile(before_attention)
         self._after: Callable[..., Any] = mx.compile(after_attention)
 
@@ -109,101 +104,6 @@ class CompiledDecodeBlock(nn.Module):
                 queries, keys, values, scale=attention.scale, mask=mask
             )
         return self._after(x, attended)
-
-
-class SoloDecodeStep:
-    """One row's decode step on plain KV caches, as one compiled function of the whole model.
-
-    With every block compiled, a one-row step still builds about 150 operations a step in
-    Python around the compiled parts: each layer's KV-cache update and attention, and the two
-    compiled calls. Here the embedding, all blocks, the final norm and the output head are
-    traced together, so a step is a single call. The cache buffers go in and come out whole:
-    the new keys and values are written at the position given as an array
-    (`mx.slice_update`, in place once the old buffer is released), and attention reads the
-    positions [0, offset] of the whole buffer (`window_decode_attention`). The shapes then
-    stay the same from step to step, and MLX retraces only when a buffer grows, which it
-    does here in steps of `CAPACITY_STEP` positions, so the traces a process holds stay few.
-
-    Called with anything else (more rows, a prompt, other cache types) it returns None and the
-    caller runs the model itself.
-    """
-
-    CAPACITY_STEP = 256
-
-    def __init__(self, model: nn.Module, blocks: list[CompiledDecodeBlock]) -> None:
-        inner = model.model
-        # As the model's own __call__ picks its output projection (llama, qwen2, qwen3).
-        tied = getattr(getattr(model, "args", None), "tie_word_embeddings", "lm_head" not in model)
-        head = inner.embed_tokens.as_linear if tied else model.lm_head
-        self.layers = len(blocks)
-        no_padding = mx.zeros((1,), dtype=mx.int32)
-
-        def step(tokens: mx.array, offset: mx.array, *buffers: mx.array) -> tuple[mx.array, ...]:
-            h = inner.embed_tokens(tokens)
-            position, end = offset.reshape(1), offset + 1
-            written: list[mx.array] = []
-            for index, block in enumerate(blocks):
-                queries, keys, values = block.before_attention(h, offset)
-                keys = mx.slice_update(buffers[2 * index], keys, position, axes=(2,))
-                values = mx.slice_update(buffers[2 * index + 1], values, position, axes=(2,))
-                attended = window_decode_attention(
-                    queries, keys, values, no_padding, end, block.block.self_attn.scale
-                )
-                h = block.after_attention(h, attended)
-                written += [keys, values]
-            return (head(inner.norm(h))[:, -1, :], *written)
-
-        self._step: Callable[..., Any] = mx.compile(step)
-
-    @classmethod
-    def for_model(cls, model: nn.Module) -> SoloDecodeStep | None:
-        """The step for `model` if every block of it is compiled (`compile_decode_blocks`)."""
-        inner = getattr(model, "model", None)
-        layers = getattr(inner, "layers", None)
-        if (
-            not isinstance(layers, list)
-            or not layers
-            or not all(isinstance(block, CompiledDecodeBlock) for block in layers)
-            or not hasattr(inner, "embed_tokens")
-            or not hasattr(inner, "norm")
-        ):
-            return None
-        return cls(model, layers)
-
-    def __call__(self, tokens: mx.array, cache: list[Any]) -> mx.array | None:
-        """Logits (1, vocab) for `tokens` (1, 1), advancing `cache` by one position; None when
-        this step does not apply."""
-        if tokens.shape != (1, 1) or len(cache) != self.layers:
-            return None
-        offset = cache[0].offset if cache else 0
-        for layer in cache:
-            if type(layer) is not KVCache or layer.keys is None or layer.offset != offset:
-                return None
-        for layer in cache:
-            self._reserve(layer, offset + 1)
-        buffers = [array for layer in cache for array in (layer.keys, layer.values)]
-        outputs = self._step(tokens, _offset_array(offset), *buffers)
-        del buffers  # the old buffers are updated in place once nothing else holds them
-        for index, layer in enumerate(cache):
-            layer.keys, layer.values = outputs[1 + 2 * index], outputs[2 + 2 * index]
-            layer.offset = offset + 1
-        return outputs[0]  # type: ignore[no-any-return]
-
-    @classmethod
-    def _reserve(cls, layer: KVCache, needed: int) -> None:
-        """Grows (or trims) the buffers to a multiple of CAPACITY_STEP holding `needed`
-        positions; the first `offset` positions are kept."""
-        capacity = layer.keys.shape[2]
-        if capacity >= needed and capacity % cls.CAPACITY_STEP == 0:
-            return
-        wanted = -(-needed // cls.CAPACITY_STEP) * cls.CAPACITY_STEP
-        kept = layer.offset
-        resized = []
-        for array in (layer.keys, layer.values):
-            batch, heads, _, dim = array.shape
-            free = mx.zeros((batch, heads, wanted - kept, dim), dtype=array.dtype)
-            resized.append(mx.concatenate([array[..., :kept, :], free], axis=2))
-        layer.keys, layer.values = resized
 
 
 _last_offset: tuple[int, mx.array] | None = None

@@ -28,9 +28,6 @@ __all__ = [
     "decode_attention_supported",
     "enable_batch_decode_attention",
     "reference_decode_attention",
-    "reference_window_attention",
-    "window_decode_attention",
-    "window_splits",
 ]
 
 _WARPS = 8  # warps per block; each takes every 8th position of its row
@@ -43,7 +40,7 @@ __device__ __forceinline__ float qla_float(__half x) { return __half2float(x); }
 # Block (kv_head, row): each lane holds D / 32 of the head dims, warps stride over the row's
 # positions, each warp keeping an online softmax (running max, sum, output) per query head of
 # the group; the warps' partial results are merged through shared memory at the end.
-_SETUP = r"""
+_SOURCE = r"""
   constexpr int PER = D / 32;
   const int kv_head = blockIdx.x;
   const int b = blockIdx.y;
@@ -51,8 +48,8 @@ _SETUP = r"""
   const int warp = threadIdx.x >> 5;
   const int kL = k_shape[2];
   const int hq = q_shape[1];
-"""
-_QUERIES = r"""
+  const int start = left_padding[b];
+
   float qv[G][PER];
 #pragma unroll
   for (int g = 0; g < G; ++g) {
@@ -70,8 +67,9 @@ _QUERIES = r"""
   }
   const T* kp = k + b * k_strides[0] + kv_head * k_strides[1] + lane * PER;
   const T* vp = v + b * v_strides[0] + kv_head * v_strides[1] + lane * PER;
-"""
-_POSITIONS_LOOP = r"""    const T* kr = kp + (size_t)pos * k_strides[2];
+#pragma unroll 2
+  for (int pos = start + warp; pos < kL; pos += W) {
+    const T* kr = kp + (size_t)pos * k_strides[2];
     const T* vr = vp + (size_t)pos * v_strides[2];
     float kf[PER], vf[PER];
 #pragma unroll
@@ -116,8 +114,7 @@ _POSITIONS_LOOP = r"""    const T* kr = kp + (size_t)pos * k_strides[2];
     for (int i = 0; i < PER; ++i) sm_o[warp][g][lane * PER + i] = o[g][i];
   }
   __syncthreads();
-"""
-_MERGE = r"""  for (int t = threadIdx.x; t < G * D; t += W * 32) {
+  for (int t = threadIdx.x; t < G * D; t += W * 32) {
     const int g = t / D;
     const int d = t - g * D;
     float mx_ = -1e30f;
@@ -130,67 +127,8 @@ _MERGE = r"""  for (int t = threadIdx.x; t < G * D; t += W * 32) {
       total += sm_l[w][g] * f;
       acc += sm_o[w][g][d] * f;
     }
-"""
-_SOURCE = (
-    _SETUP
-    + "  const int start = left_padding[b];\n"
-    + _QUERIES
-    + "#pragma unroll 2\n  for (int pos = start + warp; pos < kL; pos += W) {\n"
-    + _POSITIONS_LOOP
-    + _MERGE
-    + "    out[((size_t)b * hq + kv_head * G + g) * D + d] = "
-    + "static_cast<T>(total > 0.0f ? acc / total : 0.0f);\n  }\n"
-)
-
-# The window variant, for a decode step compiled whole (kernels/compiled_decode.py): the keys
-# and values are the cache's full buffers and the valid positions [start[b], end) come as arrays,
-# so the shapes stay the same from step to step. One row has only a few key/value heads, so the
-# positions are also split over grid.z blocks (flash-decoding): each writes its unnormalised
-# partial output with its running max and sum, and a second kernel merges the splits.
-_WINDOW_SOURCE = (
-    _SETUP
-    + r"""
-  const int splits = gridDim.z;
-  const int chunk = (kL + splits - 1) / splits;
-  const int start = max(left_padding[b], (int)blockIdx.z * chunk);
-  const int stop = min(min(end[0], kL), ((int)blockIdx.z + 1) * chunk);
-"""
-    + _QUERIES
-    + "#pragma unroll 2\n  for (int pos = start + warp; pos < stop; pos += W) {\n"
-    + _POSITIONS_LOOP
-    + _MERGE
-    + r"""
-    const size_t slot = (((size_t)b * gridDim.x + kv_head) * splits + blockIdx.z) * G + g;
-    part_o[slot * D + d] = acc;
-    if (d == 0) {
-      part_m[slot] = mx_;
-      part_l[slot] = total;
-    }
+    out[((size_t)b * hq + kv_head * G + g) * D + d] = static_cast<T>(total > 0.0f ? acc / total : 0.0f);
   }
-"""
-)
-
-# Block (kv_head, row), one thread per (query head of the group, head dim): the splits' partial
-# results rescaled to the largest running max and summed. Splits with no position hold max
-# -1e30 and sum 0, so they weigh nothing; a row with no position at all gets zeros.
-_COMBINE_SOURCE = r"""
-  const int kv_head = blockIdx.x;
-  const int b = blockIdx.y;
-  const int g = threadIdx.x / D;
-  const int d = threadIdx.x - g * D;
-  const int splits = part_m_shape[2];
-  const size_t first = ((size_t)b * gridDim.x + kv_head) * splits * G + g;
-  float mx_ = -1e30f;
-  for (int s = 0; s < splits; ++s) mx_ = fmaxf(mx_, part_m[first + s * G]);
-  float total = 0.0f, acc = 0.0f;
-  for (int s = 0; s < splits; ++s) {
-    const size_t slot = first + s * G;
-    const float f = exp2f(part_m[slot] - mx_);
-    total += part_l[slot] * f;
-    acc += part_o[slot * D + d] * f;
-  }
-  out[(((size_t)b * gridDim.x + kv_head) * G + g) * D + d] =
-      static_cast<T>(total > 0.0f ? acc / total : 0.0f);
 """
 
 
@@ -199,8 +137,8 @@ def _minify(code: str) -> str:
     return "\n".join(line for line in lines if line) + "\n"
 
 
-def _constants(head_dim: int, group: int, scale: float, dtype: mx.Dtype) -> tuple[str, str]:
-    """The kernels' compile-time constants, and a name tag that tells them apart."""
+@cache
+def _kernel(head_dim: int, group: int, scale: float, dtype: mx.Dtype) -> object:
     bf16 = dtype == mx.bfloat16
     consts = (
         f"using T = {'__nv_bfloat16' if bf16 else '__half'};\n"
@@ -208,15 +146,9 @@ def _constants(head_dim: int, group: int, scale: float, dtype: mx.Dtype) -> tupl
         f"constexpr int W = {_WARPS};\n"
         f"constexpr float SCALE_LOG2 = {scale * math.log2(math.e)!r}f;\n"
     )
-    tag = f"d{head_dim}_g{group}_{'bf16' if bf16 else 'f16'}_{abs(hash(scale)) % 10**8}"
-    return consts, tag
-
-
-@cache
-def _kernel(head_dim: int, group: int, scale: float, dtype: mx.Dtype) -> object:
-    consts, tag = _constants(head_dim, group, scale, dtype)
+    tag = "bf16" if bf16 else "f16"
     return mx.fast.cuda_kernel(
-        name=f"batch_decode_attention_{tag}",
+        name=f"batch_decode_attention_d{head_dim}_g{group}_{tag}_{abs(hash(scale)) % 10**8}",
         input_names=["q", "k", "v", "left_padding"],
         output_names=["out"],
         source=consts + _minify(_SOURCE),
@@ -262,89 +194,6 @@ def batch_decode_attention(
         output_shapes=[(rows, heads, 1, head_dim)],
         output_dtypes=[queries.dtype],
     )[0]
-
-
-@cache
-def _window_kernels(
-    head_dim: int, group: int, scale: float, dtype: mx.Dtype
-) -> tuple[object, object]:
-    consts, tag = _constants(head_dim, group, scale, dtype)
-    partial = mx.fast.cuda_kernel(
-        name=f"window_decode_attention_{tag}",
-        input_names=["q", "k", "v", "left_padding", "end"],
-        output_names=["part_o", "part_m", "part_l"],
-        source=consts + _minify(_WINDOW_SOURCE),
-        header=_HEADER,
-        ensure_row_contiguous=False,
-    )
-    combine = mx.fast.cuda_kernel(
-        name=f"window_decode_combine_{tag}",
-        input_names=["part_o", "part_m", "part_l"],
-        output_names=["out"],
-        source=consts + _minify(_COMBINE_SOURCE),
-    )
-    return partial, combine
-
-
-def window_splits(rows: int, kv_heads: int, capacity: int) -> int:
-    """How many blocks share one row's positions: enough blocks to fill a large GPU (about
-    256) and at most 128 positions a block (each warp walks its positions one after another),
-    but at least 32 positions a block."""
-    wanted = max(-(-256 // max(rows * kv_heads, 1)), -(-capacity // 128))
-    return max(1, min(wanted, capacity // 32))
-
-
-def window_decode_attention(
-    queries: mx.array,
-    keys: mx.array,
-    values: mx.array,
-    start: mx.array,
-    end: mx.array,
-    scale: float,
-) -> mx.array:
-    """Attention of one query position a row over positions [start[b], end) of row b.
-
-    ``keys``/``values`` (B, Hkv, capacity, D) are whole cache buffers, positions from ``end`` on
-    unused; ``start`` (B,) and ``end`` (a scalar) are int32 arrays, so a graph that calls this
-    keeps its shapes while the cache fills. The kernels on an NVIDIA GPU (when
-    ``decode_attention_supported``), else MLX's attention with a boolean mask.
-    """
-    if not (cuda_gpu_is_default() and decode_attention_supported(queries, keys)):
-        return reference_window_attention(queries, keys, values, start, end, scale)
-    rows, heads, _, head_dim = queries.shape
-    kv_heads, capacity = keys.shape[1], keys.shape[2]
-    group = heads // kv_heads
-    splits = window_splits(rows, kv_heads, capacity)
-    partial, combine = _window_kernels(head_dim, group, float(scale), queries.dtype)
-    slots = (rows, kv_heads, splits, group)
-    part_o, part_m, part_l = partial(  # type: ignore[operator]
-        inputs=[queries, keys, values, start, end],
-        grid=(kv_heads * 32 * _WARPS, rows, splits),
-        threadgroup=(32 * _WARPS, 1, 1),
-        output_shapes=[(*slots, head_dim), slots, slots],
-        output_dtypes=[mx.float32] * 3,
-    )
-    return combine(  # type: ignore[operator, no-any-return]
-        inputs=[part_o, part_m, part_l],
-        grid=(kv_heads * group * head_dim, rows, 1),
-        threadgroup=(group * head_dim, 1, 1),
-        output_shapes=[(rows, heads, 1, head_dim)],
-        output_dtypes=[queries.dtype],
-    )[0]
-
-
-def reference_window_attention(
-    queries: mx.array,
-    keys: mx.array,
-    values: mx.array,
-    start: mx.array,
-    end: mx.array,
-    scale: float,
-) -> mx.array:
-    """What ``window_decode_attention`` computes, with MLX's own attention and a boolean mask."""
-    positions = mx.arange(keys.shape[2])
-    mask = (positions[None, None, None, :] >= start[:, None, None, None]) & (positions < end)
-    return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale, mask=mask)
 
 
 def reference_decode_attention(
