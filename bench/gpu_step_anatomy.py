@@ -29,6 +29,10 @@ Part 1 runs the batch cache twice: MLX's masked attention, then the decode-atten
    on every layer (which differ at one row only); settings alternate over `--repeats` rounds,
    median (fastest) ms a step, and the first round's unpipelined build / evaluate.
 
+9. The fused q/k-norm + RoPE kernel (`kernels/head_rope.py`) in compiled decode blocks: its
+   largest error against the model's own operations, the number of graph nodes in a one-row
+   step with and without it, then steps at each row count as in part 8.
+
 `--parts` picks which (e.g. `1,5`).
 
     python bench/gpu_step_anatomy.py --rows 1,64 --lengths 16,256,640
@@ -39,9 +43,11 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
+import re
 import statistics
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -382,14 +388,13 @@ def part_batch_paths(model: Any, args: Any, rows: list[int], length: int, steps:
         layer.force_path = None
 
 
-def set_compiled_blocks(model: Any, on: bool) -> None:
+def set_compiled_blocks(model: Any, on: bool, head_rope: bool = True) -> None:
     from mlx_llm_server.kernels.compiled_decode import CompiledDecodeBlock, compile_decode_blocks
 
     layers = model.model.layers
+    layers[:] = [b.block if isinstance(b, CompiledDecodeBlock) else b for b in layers]
     if on:
-        compile_decode_blocks(model)
-    else:
-        layers[:] = [b.block if isinstance(b, CompiledDecodeBlock) else b for b in layers]
+        compile_decode_blocks(model, head_rope=head_rope)
 
 
 def part_compiled_blocks(
@@ -439,6 +444,89 @@ def part_compiled_blocks(
     set_compiled_blocks(model, False)
     for _, layer in layers:
         layer.force_path = None
+
+
+def graph_nodes(model: Any, cache: list[Any], rows: int) -> str:
+    """How many nodes one decode step's graph has, and the commonest primitives."""
+    import mlx.core as mx
+
+    logits = model(mx.zeros((rows, 1), dtype=mx.uint32), cache=cache)
+    dot = Path("/tmp/decode-step.dot")
+    mx.export_to_dot(str(dot), logits, *[a for c in cache for a in (c.keys, c.values)])
+    kinds = Counter(re.findall(r'label ="([A-Za-z]+)', dot.read_text()))
+    mx.eval(logits)
+    common = ", ".join(f"{kind} {n}" for kind, n in kinds.most_common(8))
+    return f"{sum(kinds.values())} ({common})"
+
+
+def part_head_rope(
+    model: Any, args: Any, rows: list[int], length: int, steps: int, repeats: int
+) -> None:
+    """The fused q/k-norm + RoPE kernel (`kernels/head_rope.py`) in compiled decode blocks: its
+    largest error against the model's own operations, the graph's node count at one row, then
+    steps with and without it (fused 4-bit kernel on every layer at one row, as served)."""
+    import mlx.core as mx
+
+    from mlx_llm_server.kernels.head_rope import head_rope_for, reference_head_rope
+    from mlx_llm_server.kernels.quantized_linear import set_one_row_fused
+
+    print(f"\n## 9. Fused q/k norms and RoPE, KV length {length}\n", flush=True)
+    attention = model.model.layers[0].self_attn
+    fused = head_rope_for(attention)
+    assert fused is not None, "the kernel does not apply to this model"
+    width = attention.qkv_proj.weight.shape[0]
+    worst = 0.0
+    for dtype in (mx.bfloat16, mx.float16):
+        for count in (1, 3, 8, 64):
+            for per_row in (False, True):
+                key = mx.random.key(count * 7 + per_row)
+                qkv = (mx.random.normal((count, 1, width), key=key) * 3).astype(dtype)
+                if per_row:
+                    offset = mx.random.randint(-300, 30_000, (count,)).astype(mx.int32)
+                else:
+                    offset = mx.array(12_345, dtype=mx.int32)
+                ours = fused(qkv, offset)
+                theirs = reference_head_rope(attention, qkv, offset)
+                for a, b in zip(ours, theirs, strict=True):
+                    a, b = a.astype(mx.float32), b.astype(mx.float32)
+                    assert a.shape == b.shape and not mx.isnan(a).any().item()
+                    worst = max(worst, (mx.abs(a - b).max() / mx.abs(b).max()).item())
+    print(
+        f"| largest relative error (bf16, f16; rows 1-64; positions -300-30,000) | "
+        f"{worst:.2e} |",
+        flush=True,
+    )
+    set_one_row_fused(True)
+    set_decode_kernel(model, True)
+    settings = {"compiled blocks": False, "compiled blocks, fused heads": True}
+    for name, on in settings.items():
+        set_compiled_blocks(model, True, head_rope=on)
+        cache = plain_caches(args, 1, length, 4)
+        print(f"| graph nodes, one row, {name} | {graph_nodes(model, cache, 1)} |", flush=True)
+        del cache
+    print("\n| rows | " + " | ".join(settings) + " |\n|---:|" + "---:|" * len(settings))
+    for count in rows:
+        times: dict[str, list[float]] = {name: [] for name in settings}
+        split: dict[str, str] = {}
+        for round_ in range(repeats):
+            for name, on in settings.items():
+                set_compiled_blocks(model, True, head_rope=on)
+                if count == 1:
+                    cache = plain_caches(args, 1, length, steps + 12)
+                else:
+                    cache = batch_caches(args, count, length, steps + 12, padded=True)
+                times[name].append(steady_ms(model, cache, count, steps)[0])
+                if round_ == 0:
+                    build, evaluate = unpipelined_ms(model, cache, count, 10)
+                    split[name] = f"; {build:.2f} / {evaluate:.2f}"
+                del cache
+                mx.clear_cache()
+        cells = [
+            f"{statistics.median(times[n]):.2f} ({min(times[n]):.2f}){split[n]}" for n in settings
+        ]
+        print(f"| {count} | " + " | ".join(cells) + " |", flush=True)
+    set_compiled_blocks(model, False)
+    set_one_row_fused(False)
 
 
 def per_call_us(action: Callable[[], Any], calls: int = 40) -> float:
@@ -597,6 +685,8 @@ def main() -> int:
         part_batch_paths(model, model_args, [r for r in rows if r > 1], max(lengths), args.steps)
     if 8 in parts:
         part_compiled_blocks(model, model_args, rows, max(lengths), args.steps, args.repeats)
+    if 9 in parts:
+        part_head_rope(model, model_args, rows, max(lengths), args.steps, args.repeats)
     return 0
 
 

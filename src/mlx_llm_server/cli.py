@@ -158,6 +158,13 @@ def build_parser() -> argparse.ArgumentParser:
         f"(default: {COMPILED_DECODE_ROWS_CUDA} on NVIDIA GPUs, 0 elsewhere; 0 turns them off)",
     )
     parser.add_argument(
+        "--fused-head-rope",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="in compiled decode blocks on NVIDIA GPUs, q/k norms and RoPE run as one kernel "
+        "(default: on)",
+    )
+    parser.add_argument(
         "--staged-matmul-rows",
         type=int,
         default=STAGED_MIN_ROWS,
@@ -379,7 +386,7 @@ def model_starter(
             cuda_gpu = cuda_gpu_is_default()
             max_rows = compiled_decode_rows(args, cuda_gpu)
             if max_rows != 0:
-                compiled = compile_decode_blocks(model.model, max_rows)
+                compiled = compile_decode_blocks(model.model, max_rows, args.fused_head_rope)
                 if compiled:
                     logger.info(
                         "%s: %d blocks decode %s rows through compiled graphs",

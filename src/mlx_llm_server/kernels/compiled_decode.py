@@ -24,6 +24,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.cache import BatchKVCache, KVCache
 
+from .head_rope import head_rope_for
+
 __all__ = ["CompiledDecodeBlock", "compile_decode_blocks"]
 
 _BLOCK_MODULES = frozenset(
@@ -40,21 +42,27 @@ _CACHES = (KVCache, BatchKVCache)
 class CompiledDecodeBlock(nn.Module):
     """Wraps one transformer block; its decode steps run through two compiled functions."""
 
-    def __init__(self, block: nn.Module, max_rows: int | None = None) -> None:
+    def __init__(
+        self, block: nn.Module, max_rows: int | None = None, head_rope: bool = True
+    ) -> None:
         super().__init__()
         self.block = block
         self.max_rows = max_rows  # larger decode batches take the block's own path
         attention, mlp = block.self_attn, block.mlp
         has_qk_norm = hasattr(attention, "q_norm") and hasattr(attention, "k_norm")
+        # On NVIDIA GPUs: q/k norms and RoPE as one kernel node (kernels/head_rope.py).
+        fused_heads = head_rope_for(attention) if head_rope else None
+        self.uses_head_rope = fused_heads is not None
 
         def before_attention(x: mx.array, offset: mx.array) -> tuple[mx.array, ...]:
             batch, length, _ = x.shape
             normed = block.input_layernorm(x)
             q_heads, kv_heads = attention.n_heads, attention.n_kv_heads
             if "qkv_proj" in attention:  # fused q/k/v (kernels/fused_projections.py)
-                heads = attention.qkv_proj(normed).reshape(
-                    batch, length, q_heads + 2 * kv_heads, -1
-                )
+                qkv = attention.qkv_proj(normed)
+                if fused_heads is not None and fused_heads.supports(qkv):
+                    return fused_heads(qkv, offset)
+                heads = qkv.reshape(batch, length, q_heads + 2 * kv_heads, -1)
                 queries = heads[:, :, :q_heads]
                 keys = heads[:, :, q_heads : q_heads + kv_heads]
                 values = heads[:, :, q_heads + kv_heads :]
@@ -70,7 +78,11 @@ class CompiledDecodeBlock(nn.Module):
 
         def after_attention(x: mx.array, attended: mx.array) -> mx.array:
             batch, _, length, _ = attended.shape
-            merged = attended.transpose(0, 2, 1, 3).reshape(batch, length, -1)
+            # (B, heads, 1, D) is already in (B, 1, heads, D) order: one node less a layer.
+            if length == 1:
+                merged = attended.reshape(batch, 1, -1)
+            else:
+                merged = attended.transpose(0, 2, 1, 3).reshape(batch, length, -1)
             h = x + attention.o_proj(merged)
             return h + mlp(block.post_attention_layernorm(h))
 
@@ -137,10 +149,13 @@ def _eligible(block: nn.Module) -> bool:
     )
 
 
-def compile_decode_blocks(model: nn.Module, max_rows: int | None = None) -> int:
+def compile_decode_blocks(
+    model: nn.Module, max_rows: int | None = None, head_rope: bool = True
+) -> int:
     """Wraps every eligible transformer block of `model` in place; returns how many.
 
-    Decode steps of up to `max_rows` rows (every step when None) run compiled.
+    Decode steps of up to `max_rows` rows (every step when None) run compiled; `head_rope`
+    lets blocks use the fused q/k-norm and RoPE kernel where it applies.
     """
     inner = getattr(model, "model", None)
     layers = getattr(inner, "layers", None)
@@ -150,6 +165,6 @@ def compile_decode_blocks(model: nn.Module, max_rows: int | None = None) -> int:
     for index, block in enumerate(layers):
         if isinstance(block, CompiledDecodeBlock) or not _eligible(block):
             continue
-        layers[index] = CompiledDecodeBlock(block, max_rows)
+        layers[index] = CompiledDecodeBlock(block, max_rows, head_rope)
         wrapped += 1
     return wrapped
