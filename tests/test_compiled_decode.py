@@ -7,6 +7,7 @@ from pathlib import Path
 import mlx.core as mx
 import pytest
 from mlx_lm.models.cache import make_prompt_cache
+from model_factory import build_tiny_qwen3
 
 from mlx_llm_server.engine.batch import merge_caches
 from mlx_llm_server.kernels.compiled_decode import CompiledDecodeBlock, compile_decode_blocks
@@ -99,6 +100,54 @@ def test_blocks_with_fused_projections_decode_bit_for_bit(
         decode_batched(fused, PROMPTS, 6), decode_batched(stock, PROMPTS, 6), strict=True
     ):
         assert mx.array_equal(ours, theirs)
+
+
+def test_fused_heads_go_through_the_head_kernel_entry_point(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As on an NVIDIA GPU: compiled blocks of a model with fused q/k/v hand the projection's
+    output to the q/k-norm + RoPE kernel (kernels/head_rope.py). Its MLX reference stands in for
+    the CUDA kernel here, which bench/gpu_step_anatomy.py part 9 checks on the device; decoding
+    stays exact, alone and in a padded batch (one position a row each)."""
+    import mlx_llm_server.kernels.head_rope as head_rope
+
+    calls: list[tuple[int, ...]] = []
+
+    def stand_in(self: head_rope.HeadRope, qkv: mx.array, offset: mx.array) -> object:
+        calls.append((qkv.shape[0], offset.size))
+        return self.reference(qkv, offset)
+
+    monkeypatch.setattr(head_rope, "cuda_gpu_is_default", lambda: True)
+    monkeypatch.setattr(head_rope.HeadRope, "__call__", stand_in)
+    # The tiny model is float32; the kernel takes half precision.
+    monkeypatch.setattr(head_rope.HeadRope, "supports", lambda self, qkv: qkv.shape[1] == 1)
+    folder = build_tiny_qwen3(tmp_path / "wide-heads", head_dim=64)  # the kernel's head sizes
+    stock = load(str(folder)).model
+    fused = load(str(folder)).model
+    assert fuse_projections(fused, force=True) > 0
+    assert compile_decode_blocks(fused) == len(fused.model.layers)
+    assert all(block.uses_head_rope for block in fused.model.layers)
+    for ours, theirs in zip(
+        decode_alone(fused, PROMPTS[0], 6), decode_alone(stock, PROMPTS[0], 6), strict=True
+    ):
+        assert mx.array_equal(ours, theirs)
+    for ours, theirs in zip(
+        decode_batched(fused, PROMPTS, 6), decode_batched(stock, PROMPTS, 6), strict=True
+    ):
+        assert mx.array_equal(ours, theirs)
+    layers = len(fused.model.layers)
+    # Traced once a layer alone (one position) and once in the batch (a position a row).
+    assert calls.count((1, 1)) == layers and calls.count((3, 3)) == layers
+    # Off, the blocks keep their own operations.
+    plain = load(str(folder)).model
+    fuse_projections(plain, force=True)
+    compile_decode_blocks(plain, head_rope=False)
+    assert not any(block.uses_head_rope for block in plain.model.layers)
+
+
+def test_head_kernel_is_left_out_without_a_cuda_gpu(models: tuple[object, object]) -> None:
+    _, fast = models
+    assert not any(block.uses_head_rope for block in fast.model.layers)  # type: ignore[attr-defined]
 
 
 def test_blocks_of_other_architectures_are_left_alone(tmp_path: Path) -> None:

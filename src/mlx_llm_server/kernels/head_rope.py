@@ -122,6 +122,7 @@ class HeadRope:
     q/k norms and RoPE applied; `offset` is the position, a scalar or one a row (int32)."""
 
     def __init__(self, attention: nn.Module, head_dim: int) -> None:
+        self.attention = attention
         self.heads, self.kv_heads, self.head_dim = attention.n_heads, attention.n_kv_heads, head_dim
         rope = attention.rope
         self.base, self.scale = float(rope.base), float(rope.scale)
@@ -169,6 +170,10 @@ class HeadRope:
             output_dtypes=[qkv.dtype] * 3,
         )
         return queries, keys, values
+
+    def reference(self, qkv: mx.array, offset: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+        """The same with the attention module's own operations (`reference_head_rope`)."""
+        return reference_head_rope(self.attention, qkv, offset)
 
 
 def head_rope_for(attention: nn.Module) -> HeadRope | None:
