@@ -397,11 +397,43 @@ def set_compiled_blocks(model: Any, on: bool, head_rope: bool = True) -> None:
         compile_decode_blocks(model, head_rope=head_rope)
 
 
+def alternating_steps(
+    model: Any,
+    args: Any,
+    count: int,
+    length: int,
+    steps: int,
+    repeats: int,
+    settings: dict[str, Callable[[], None]],
+) -> dict[str, str]:
+    """Steady steps at `count` rows (a plain cache at one row, left-padded batch caches above)
+    under each setting (applied by its callable), alternating over `repeats` rounds: for each,
+    "median (fastest); build / evaluate" ms, the split from the first round's unpipelined step."""
+    import mlx.core as mx
+
+    times: dict[str, list[float]] = {name: [] for name in settings}
+    split: dict[str, str] = {}
+    for round_ in range(repeats):
+        for name, apply in settings.items():
+            apply()
+            if count == 1:
+                cache = plain_caches(args, 1, length, steps + 12)
+            else:
+                cache = batch_caches(args, count, length, steps + 12, padded=True)
+            times[name].append(steady_ms(model, cache, count, steps)[0])
+            if round_ == 0:
+                build, evaluate = unpipelined_ms(model, cache, count, 10)
+                split[name] = f"; {build:.2f} / {evaluate:.2f}"
+            del cache
+            mx.clear_cache()
+    return {
+        n: f"{statistics.median(times[n]):.2f} ({min(times[n]):.2f}){split[n]}" for n in settings
+    }
+
+
 def part_compiled_blocks(
     model: Any, args: Any, rows: list[int], length: int, steps: int, repeats: int
 ) -> None:
-    import mlx.core as mx
-
     print(f"\n## 8. Compiled decode blocks, KV length {length} (ms a step)\n", flush=True)
     settings = {
         "model blocks": (False, None),
@@ -412,35 +444,19 @@ def part_compiled_blocks(
     print("| rows | " + " | ".join(settings) + " |\n|---:|" + "---:|" * len(settings))
     layers = accelerated_layers(model)
     set_decode_kernel(model, True)
+
+    def apply(name: str) -> None:
+        compiled, path = settings[name]
+        set_compiled_blocks(model, compiled)
+        for _, layer in layers:
+            layer.force_path = path
+
     for count in rows:
         names = [n for n in settings if count == 1 or settings[n][1] is None]
-        times: dict[str, list[float]] = {name: [] for name in names}
-        split: dict[str, str] = {}
-        for round_ in range(repeats):
-            for name in names:
-                compiled, path = settings[name]
-                set_compiled_blocks(model, compiled)
-                for _, layer in layers:
-                    layer.force_path = path
-                if count == 1:
-                    cache = plain_caches(args, 1, length, steps + 12)
-                else:
-                    cache = batch_caches(args, count, length, steps + 12, padded=True)
-                times[name].append(steady_ms(model, cache, count, steps)[0])
-                if round_ == 0:
-                    build, evaluate = unpipelined_ms(model, cache, count, 10)
-                    split[name] = f"; {build:.2f} / {evaluate:.2f}"
-                del cache
-                mx.clear_cache()
-        cells = [
-            (
-                f"{statistics.median(times[n]):.2f} ({min(times[n]):.2f}){split[n]}"
-                if n in times
-                else ""
-            )
-            for n in settings
-        ]
-        print(f"| {count} | " + " | ".join(cells) + " |", flush=True)
+        cells = alternating_steps(
+            model, args, count, length, steps, repeats, {n: lambda n=n: apply(n) for n in names}
+        )
+        print(f"| {count} | " + " | ".join(cells.get(n, "") for n in settings) + " |", flush=True)
     set_compiled_blocks(model, False)
     for _, layer in layers:
         layer.force_path = None
@@ -475,24 +491,21 @@ def part_head_rope(
     fused = head_rope_for(attention)
     assert fused is not None, "the kernel does not apply to this model"
     width = attention.qkv_proj.weight.shape[0]
+    dtype = model.model.norm.weight.dtype  # the model's activations
     worst = 0.0
-    for dtype in (mx.bfloat16, mx.float16):
-        for count in (1, 3, 8, 64):
-            for per_row in (False, True):
-                key = mx.random.key(count * 7 + per_row)
-                qkv = (mx.random.normal((count, 1, width), key=key) * 3).astype(dtype)
-                if per_row:
-                    offset = mx.random.randint(-300, 30_000, (count,)).astype(mx.int32)
-                else:
-                    offset = mx.array(12_345, dtype=mx.int32)
-                if not fused.supports(qkv):  # norm weights of another type
-                    continue
-                ours = fused(qkv, offset)
-                theirs = fused.reference(qkv, offset)
-                for a, b in zip(ours, theirs, strict=True):
-                    a, b = a.astype(mx.float32), b.astype(mx.float32)
-                    assert a.shape == b.shape and not mx.isnan(a).any().item()
-                    worst = max(worst, (mx.abs(a - b).max() / mx.abs(b).max()).item())
+    for count in (1, 3, 8, 64):
+        for per_row in (False, True):
+            key = mx.random.key(count * 7 + per_row)
+            qkv = (mx.random.normal((count, 1, width), key=key) * 3).astype(dtype)
+            if per_row:
+                offset = mx.random.randint(-300, 30_000, (count,)).astype(mx.int32)
+            else:
+                offset = mx.array(12_345, dtype=mx.int32)
+            assert fused.supports(qkv), f"the kernel does not take {dtype}"
+            for a, b in zip(fused(qkv, offset), fused.reference(qkv, offset), strict=True):
+                a, b = a.astype(mx.float32), b.astype(mx.float32)
+                assert a.shape == b.shape and not mx.isnan(a).any().item()
+                worst = max(worst, (mx.abs(a - b).max() / mx.abs(b).max()).item())
     print(
         f"| largest relative error (the model's dtype; rows 1-64; positions -300-30,000) | "
         f"{worst:.2e} |",
@@ -508,25 +521,19 @@ def part_head_rope(
         del cache
     print("\n| rows | " + " | ".join(settings) + " |\n|---:|" + "---:|" * len(settings))
     for count in rows:
-        times: dict[str, list[float]] = {name: [] for name in settings}
-        split: dict[str, str] = {}
-        for round_ in range(repeats):
-            for name, on in settings.items():
-                set_compiled_blocks(model, True, head_rope=on)
-                if count == 1:
-                    cache = plain_caches(args, 1, length, steps + 12)
-                else:
-                    cache = batch_caches(args, count, length, steps + 12, padded=True)
-                times[name].append(steady_ms(model, cache, count, steps)[0])
-                if round_ == 0:
-                    build, evaluate = unpipelined_ms(model, cache, count, 10)
-                    split[name] = f"; {build:.2f} / {evaluate:.2f}"
-                del cache
-                mx.clear_cache()
-        cells = [
-            f"{statistics.median(times[n]):.2f} ({min(times[n]):.2f}){split[n]}" for n in settings
-        ]
-        print(f"| {count} | " + " | ".join(cells) + " |", flush=True)
+        cells = alternating_steps(
+            model,
+            args,
+            count,
+            length,
+            steps,
+            repeats,
+            {
+                n: lambda on=on: set_compiled_blocks(model, True, head_rope=on)
+                for n, on in settings.items()
+            },
+        )
+        print(f"| {count} | " + " | ".join(cells[n] for n in settings) + " |", flush=True)
     set_compiled_blocks(model, False)
     set_one_row_fused(False)
 
