@@ -62,6 +62,24 @@ def decode_batched(model: object, prompts: list[list[int]], steps: int) -> list[
     return outputs
 
 
+def assert_decodes_like(
+    ours: object, stock: object, prompt: list[int], alone_steps: int, batched_steps: int
+) -> None:
+    """Bit for bit: `prompt` decoded alone, then all PROMPTS in a padded batch."""
+    for mine, theirs in zip(
+        decode_alone(ours, prompt, alone_steps),
+        decode_alone(stock, prompt, alone_steps),
+        strict=True,
+    ):
+        assert mx.array_equal(mine, theirs)
+    for mine, theirs in zip(
+        decode_batched(ours, PROMPTS, batched_steps),
+        decode_batched(stock, PROMPTS, batched_steps),
+        strict=True,
+    ):
+        assert mx.array_equal(mine, theirs)
+
+
 def test_one_sequence_decodes_bit_for_bit(models: tuple[object, object]) -> None:
     stock, fast = models
     for ours, theirs in zip(
@@ -92,14 +110,7 @@ def test_blocks_with_fused_projections_decode_bit_for_bit(
     assert fuse_projections(fused, force=True) > 0
     assert compile_decode_blocks(fused) == len(fused.model.layers)
     assert "qkv_proj" in fused.model.layers[0].self_attn
-    for ours, theirs in zip(
-        decode_alone(fused, PROMPTS[1], 8), decode_alone(stock, PROMPTS[1], 8), strict=True
-    ):
-        assert mx.array_equal(ours, theirs)
-    for ours, theirs in zip(
-        decode_batched(fused, PROMPTS, 6), decode_batched(stock, PROMPTS, 6), strict=True
-    ):
-        assert mx.array_equal(ours, theirs)
+    assert_decodes_like(fused, stock, PROMPTS[1], alone_steps=8, batched_steps=6)
 
 
 def test_fused_heads_go_through_the_head_kernel_entry_point(
@@ -127,14 +138,7 @@ def test_fused_heads_go_through_the_head_kernel_entry_point(
     assert fuse_projections(fused, force=True) > 0
     assert compile_decode_blocks(fused) == len(fused.model.layers)
     assert all(block.uses_head_rope for block in fused.model.layers)
-    for ours, theirs in zip(
-        decode_alone(fused, PROMPTS[0], 6), decode_alone(stock, PROMPTS[0], 6), strict=True
-    ):
-        assert mx.array_equal(ours, theirs)
-    for ours, theirs in zip(
-        decode_batched(fused, PROMPTS, 6), decode_batched(stock, PROMPTS, 6), strict=True
-    ):
-        assert mx.array_equal(ours, theirs)
+    assert_decodes_like(fused, stock, PROMPTS[0], alone_steps=6, batched_steps=6)
     layers = len(fused.model.layers)
     # Traced once a layer alone (one position) and once in the batch (a position a row).
     assert calls.count((1, 1)) == layers and calls.count((3, 3)) == layers

@@ -24,7 +24,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.cache import BatchKVCache, KVCache
 
-from .head_rope import head_rope_for
+from .head_rope import head_rope_for, norm_and_rope, reference_head_rope
 
 __all__ = ["CompiledDecodeBlock", "compile_decode_blocks"]
 
@@ -49,7 +49,6 @@ class CompiledDecodeBlock(nn.Module):
         self.block = block
         self.max_rows = max_rows  # larger decode batches take the block's own path
         attention, mlp = block.self_attn, block.mlp
-        has_qk_norm = hasattr(attention, "q_norm") and hasattr(attention, "k_norm")
         # On NVIDIA GPUs: q/k norms and RoPE as one kernel node (kernels/head_rope.py).
         fused_heads = head_rope_for(attention) if head_rope else None
         self.uses_head_rope = fused_heads is not None
@@ -57,24 +56,15 @@ class CompiledDecodeBlock(nn.Module):
         def before_attention(x: mx.array, offset: mx.array) -> tuple[mx.array, ...]:
             batch, length, _ = x.shape
             normed = block.input_layernorm(x)
-            q_heads, kv_heads = attention.n_heads, attention.n_kv_heads
             if "qkv_proj" in attention:  # fused q/k/v (kernels/fused_projections.py)
                 qkv = attention.qkv_proj(normed)
                 if fused_heads is not None and fused_heads.supports(qkv):
                     return fused_heads(qkv, offset)
-                heads = qkv.reshape(batch, length, q_heads + 2 * kv_heads, -1)
-                queries = heads[:, :, :q_heads]
-                keys = heads[:, :, q_heads : q_heads + kv_heads]
-                values = heads[:, :, q_heads + kv_heads :]
-            else:
-                queries = attention.q_proj(normed).reshape(batch, length, q_heads, -1)
-                keys = attention.k_proj(normed).reshape(batch, length, kv_heads, -1)
-                values = attention.v_proj(normed).reshape(batch, length, kv_heads, -1)
-            if has_qk_norm:
-                queries, keys = attention.q_norm(queries), attention.k_norm(keys)
-            queries = attention.rope(queries.transpose(0, 2, 1, 3), offset=offset)
-            keys = attention.rope(keys.transpose(0, 2, 1, 3), offset=offset)
-            return queries, keys, values.transpose(0, 2, 1, 3)
+                return reference_head_rope(attention, qkv, offset)
+            queries = attention.q_proj(normed).reshape(batch, length, attention.n_heads, -1)
+            keys = attention.k_proj(normed).reshape(batch, length, attention.n_kv_heads, -1)
+            values = attention.v_proj(normed).reshape(batch, length, attention.n_kv_heads, -1)
+            return norm_and_rope(attention, queries, keys, values, offset)
 
         def after_attention(x: mx.array, attended: mx.array) -> mx.array:
             batch, _, length, _ = attended.shape

@@ -25,7 +25,7 @@ import mlx.nn as nn
 
 from .quantized_linear import cuda_gpu_is_default
 
-__all__ = ["HeadRope", "head_rope_for", "reference_head_rope"]
+__all__ = ["HeadRope", "head_rope_for", "norm_and_rope", "reference_head_rope", "split_heads"]
 
 _WARPS = 4  # heads a block
 
@@ -196,18 +196,32 @@ def head_rope_for(attention: nn.Module) -> HeadRope | None:
     return HeadRope(attention, head_dim)
 
 
-def reference_head_rope(
-    attention: nn.Module, qkv: mx.array, offset: mx.array
-) -> tuple[mx.array, mx.array, mx.array]:
-    """What `HeadRope` computes, with the attention module's own operations."""
+def split_heads(attention: nn.Module, qkv: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+    """A fused q/k/v output (B, L, (Hq + 2 Hkv) D) as queries, keys and values (B, L, H, D)."""
     batch, length, _ = qkv.shape
     q_heads, kv_heads = attention.n_heads, attention.n_kv_heads
     heads = qkv.reshape(batch, length, q_heads + 2 * kv_heads, -1)
-    queries = heads[:, :, :q_heads]
-    keys = heads[:, :, q_heads : q_heads + kv_heads]
-    values = heads[:, :, q_heads + kv_heads :]
+    return (
+        heads[:, :, :q_heads],
+        heads[:, :, q_heads : q_heads + kv_heads],
+        heads[:, :, q_heads + kv_heads :],
+    )
+
+
+def norm_and_rope(
+    attention: nn.Module, queries: mx.array, keys: mx.array, values: mx.array, offset: mx.array
+) -> tuple[mx.array, mx.array, mx.array]:
+    """The attention module's own q/k norms (if any) and RoPE on (B, L, H, D) heads; returns
+    them in attention's (B, H, L, D) order."""
     if hasattr(attention, "q_norm") and hasattr(attention, "k_norm"):
         queries, keys = attention.q_norm(queries), attention.k_norm(keys)
     queries = attention.rope(queries.transpose(0, 2, 1, 3), offset=offset)
     keys = attention.rope(keys.transpose(0, 2, 1, 3), offset=offset)
     return queries, keys, values.transpose(0, 2, 1, 3)
+
+
+def reference_head_rope(
+    attention: nn.Module, qkv: mx.array, offset: mx.array
+) -> tuple[mx.array, mx.array, mx.array]:
+    """What `HeadRope` computes, with the attention module's own operations."""
+    return norm_and_rope(attention, *split_heads(attention, qkv), offset)
