@@ -33,6 +33,9 @@ Part 1 runs the batch cache twice: MLX's masked attention, then the decode-atten
    largest error against the model's own operations, the number of graph nodes in a one-row
    step with and without it, then steps at each row count as in part 8.
 
+10. The fused 4-bit kernel's epilogues (residual adds, SwiGLU; `kernels/quantized_linear.py`):
+   largest errors, graph nodes at one row, then steps with and without them as in part 8.
+
 `--parts` picks which (e.g. `1,5`).
 
     python bench/gpu_step_anatomy.py --rows 1,64 --lengths 16,256,640
@@ -538,6 +541,116 @@ def part_head_rope(
     set_one_row_fused(False)
 
 
+def set_epilogues(model: Any, on: bool) -> None:
+    """Fused epilogues on or off, with gate/up rows interleaved or concatenated to match (as
+    `fuse_projections` lays them out at load under each setting); compiled blocks retraced."""
+    import mlx.core as mx
+
+    from mlx_llm_server.kernels.compiled_decode import CompiledDecodeBlock
+    from mlx_llm_server.kernels.quantized_linear import (
+        GATE_UP_RUN,
+        interleave_gate_up,
+        set_fused_epilogues,
+    )
+
+    set_fused_epilogues(on)
+    for block in model.model.layers:
+        block = block.block if isinstance(block, CompiledDecodeBlock) else block
+        layer = block.mlp.gate_up_proj
+        if layer.gate_up_interleaved == on:
+            continue
+        for name in ("weight", "scales", "biases"):
+            rows = layer[name]
+            if on:
+                layer[name] = interleave_gate_up(*mx.split(rows, 2))
+            else:
+                runs = rows.reshape(-1, 2, GATE_UP_RUN, rows.shape[-1])
+                halves = [runs[:, i].reshape(-1, rows.shape[-1]) for i in (0, 1)]
+                layer[name] = mx.concatenate(halves)
+        layer.gate_up_interleaved = on
+        mx.eval(layer.parameters())
+    set_compiled_blocks(model, True)
+
+
+def part_epilogues(
+    model: Any, args: Any, rows: list[int], length: int, steps: int, repeats: int
+) -> None:
+    """The fused 4-bit kernel's epilogues (`kernels/quantized_linear.py`): residual adds on
+    o_proj and down_proj, SwiGLU on the interleaved gate_up_proj. Their largest error against
+    the same kernel without the epilogue followed by MLX's operations, and against the stock
+    `mx.quantized_matmul` followed by them; the graph's node count at one row; then steps with
+    and without them (compiled blocks with the head kernel, fused kernel at one row as served)."""
+    import mlx.core as mx
+
+    from mlx_llm_server.kernels.quantized_linear import (
+        apply_epilogue,
+        fused_quantized_matmul,
+        set_one_row_fused,
+    )
+
+    print(f"\n## 10. Fused matmul epilogues, KV length {length}\n", flush=True)
+    set_epilogues(model, True)
+    block = model.model.layers[0].block  # compiled now
+    dtype = model.model.norm.weight.dtype
+    cases = {
+        "o_proj + residual": (block.self_attn.o_proj, "residual"),
+        "down_proj + residual": (block.mlp.down_proj, "residual"),
+        "gate_up_proj, SwiGLU": (block.mlp.gate_up_proj, "swiglu"),
+    }
+    print("| layer, epilogue | rows | vs the kernel + MLX ops | vs stock matmul + MLX ops |")
+    print("|---|---|---:|---:|")
+    for name, (layer, epilogue) in cases.items():
+        w, scales, biases = layer["weight"], layer["scales"], layer["biases"]
+        k = w.shape[1] * 8
+        same, stock = 0.0, 0.0
+        for count in (1, 3, 8, 13, 33, 64):
+            key = mx.random.key(count)
+            x = mx.random.normal((count, 1, k), key=key).astype(dtype)
+            residual = None
+            if epilogue == "residual":
+                residual = (mx.random.normal((count, 1, w.shape[0]), key=key) * 4).astype(dtype)
+            ours = fused_quantized_matmul(
+                x, w, scales, biases, layer.group_size, epilogue=epilogue, residual=residual
+            )
+            plain = fused_quantized_matmul(x, w, scales, biases, layer.group_size)
+            reference = mx.quantized_matmul(
+                x, w, scales, biases, group_size=layer.group_size, bits=4
+            )
+            for ref, into in ((plain, "same"), (reference, "stock")):
+                b = apply_epilogue(ref, epilogue, residual).astype(mx.float32)
+                a = ours.astype(mx.float32)
+                assert a.shape == b.shape and not mx.isnan(a).any().item()
+                err = (mx.abs(a - b).max() / mx.abs(b).max()).item()
+                if into == "same":
+                    same = max(same, err)
+                else:
+                    stock = max(stock, err)
+        print(f"| {name} | 1-64 | {same:.2e} | {stock:.2e} |", flush=True)
+    set_one_row_fused(True)
+    set_decode_kernel(model, True)
+    settings = {"separate operations": False, "fused epilogues": True}
+    for name, on in settings.items():
+        set_epilogues(model, on)
+        cache = plain_caches(args, 1, length, 4)
+        print(f"| graph nodes, one row, {name} | {graph_nodes(model, cache, 1)} |", flush=True)
+        del cache
+    print("\n| rows | " + " | ".join(settings) + " |\n|---:|" + "---:|" * len(settings))
+    for count in rows:
+        cells = alternating_steps(
+            model,
+            args,
+            count,
+            length,
+            steps,
+            repeats,
+            {n: lambda on=on: set_epilogues(model, on) for n, on in settings.items()},
+        )
+        print(f"| {count} | " + " | ".join(cells[n] for n in settings) + " |", flush=True)
+    set_epilogues(model, True)
+    set_compiled_blocks(model, False)
+    set_one_row_fused(False)
+
+
 def per_call_us(action: Callable[[], Any], calls: int = 40) -> float:
     import mlx.core as mx
 
@@ -696,6 +809,8 @@ def main() -> int:
         part_compiled_blocks(model, model_args, rows, max(lengths), args.steps, args.repeats)
     if 9 in parts:
         part_head_rope(model, model_args, rows, max(lengths), args.steps, args.repeats)
+    if 10 in parts:
+        part_epilogues(model, model_args, rows, max(lengths), args.steps, args.repeats)
     return 0
 
 

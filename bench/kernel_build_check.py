@@ -2,6 +2,9 @@
 one's registers, spills and shared memory: no GPU needed, only CUDA's compiler.
 
     python bench/kernel_build_check.py [--arch sm_90] [--configs 1,1,4,1 4,1,2,4 ...]
+        [--epilogues none residual swiglu]
+
+Each epilogue is built for the unstaged configs (nw 1) only, as the module allows.
 
 MLX's `mx.fast.cuda_kernel` puts the header before a `__global__` function whose parameters
 are the inputs (with `x_shape` / `x_ndim` / `w_shape` when the body names them) and the
@@ -27,12 +30,13 @@ struct Shape { int32_t d[8]; __device__ int32_t operator[](int i) const { return
 """
 
 
-def wrap(name: str, header: str, body: str, dtype: str) -> str:
+def wrap(name: str, header: str, body: str, dtype: str, residual: bool = False) -> str:
+    extra = f"const {dtype}* residual, " if residual else ""
     return PRELUDE + header + f"""
 extern "C" __global__ void {name}(
     const {dtype}* x, const __grid_constant__ Shape x_shape, const __grid_constant__ int x_ndim,
     const uint32_t* w, const __grid_constant__ Shape w_shape,
-    const {dtype}* scales, const {dtype}* biases, {dtype}* y) {{
+    const {dtype}* scales, const {dtype}* biases, {extra}{dtype}* y) {{
 {body}
 }}
 """
@@ -51,15 +55,24 @@ def main() -> int:
         default=["1,1,4,1", "8,1,4,1", "1,1,4,4", "2,1,4,4", "4,1,2,4", "8,1,2,4", "4,1,4,2"],
         help="mt,rt,kw,nw per variant",
     )
+    parser.add_argument("--epilogues", nargs="*", default=["none"], help="of EPILOGUES")
     args = parser.parse_args()
     failed = 0
+    variants = [
+        (spec, epilogue)
+        for epilogue in args.epilogues
+        for spec in args.configs
+        if epilogue == "none" or spec.split(",")[3] == "1"
+    ]
     with tempfile.TemporaryDirectory() as tmp:
-        for spec in args.configs:
+        for spec, epilogue in variants:
             mt, rt, kw, nw = (int(v) for v in spec.split(","))
             cfg = FusedConfig(mt=mt, rt=rt, kw=kw, nw=nw)
-            header, body = kernel_source(cfg, 64, mx.bfloat16)
-            src = Path(tmp) / f"k_{mt}_{rt}_{kw}_{nw}.cu"
-            src.write_text(wrap(f"k_{mt}_{rt}_{kw}_{nw}", header, body, "__nv_bfloat16"))
+            header, body = kernel_source(cfg, 64, mx.bfloat16, epilogue)
+            name = f"k_{mt}_{rt}_{kw}_{nw}_{epilogue}"
+            src = Path(tmp) / f"{name}.cu"
+            residual = epilogue == "residual"
+            src.write_text(wrap(name, header, body, "__nv_bfloat16", residual))
             out = subprocess.run(
                 ["nvcc", f"-arch={args.arch}", "-c", "-o", "/dev/null", "-Xptxas", "-v", str(src)],
                 capture_output=True,
@@ -67,7 +80,7 @@ def main() -> int:
             )
             lines = [ln for ln in out.stderr.splitlines() if "registers" in ln or "spill" in ln]
             status = "ok" if out.returncode == 0 else "FAILED"
-            print(f"{cfg}: {status}")
+            print(f"{cfg} {epilogue}: {status}")
             for ln in lines if out.returncode == 0 else out.stderr.splitlines()[:30]:
                 print("   ", ln.strip())
             failed += out.returncode != 0

@@ -35,6 +35,8 @@ def test_defaults_are_the_specified_ones() -> None:
     assert args.port == DEFAULT_PORT == 9044
     assert args.host == "127.0.0.1"
     assert args.staged_matmul_rows == 65  # the staged kernel off
+    assert args.fused_head_rope and args.fused_epilogues  # both NVIDIA-only, on by default
+    assert not build_parser().parse_args(["--no-fused-epilogues"]).fused_epilogues
 
 
 def test_compiled_decode_rows_default_by_device() -> None:

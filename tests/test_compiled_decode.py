@@ -174,3 +174,74 @@ def test_blocks_of_other_architectures_are_left_alone(tmp_path: Path) -> None:
     model = Model()
     assert compile_decode_blocks(model) == 0
     assert all(type(block) is Block for block in model.model.layers)
+
+
+def test_fused_epilogues_decode_bit_for_bit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As on an NVIDIA GPU: a 4-bit model's gate/up rows are interleaved at load, and compiled
+    blocks hand o_proj and down_proj their residual and gate_up_proj its SwiGLU, for the fused
+    kernel to do as it stores. The kernel's MLX reference (`apply_epilogue` on the stock matmul)
+    stands in for the CUDA kernel, which bench/gpu_step_anatomy.py part 10 checks on the device;
+    decoding stays exact against the plain quantized model, alone and in a padded batch."""
+    import mlx.nn as nn
+
+    import mlx_llm_server.kernels.quantized_linear as ql
+
+    calls: list[tuple[str, tuple[int, ...]]] = []
+
+    def stand_in(x, w, scales, biases, group_size, config=None, epilogue="none", residual=None):  # type: ignore[no-untyped-def]
+        calls.append((epilogue, x.shape[:-1]))
+        y = mx.quantized_matmul(x, w, scales, biases, group_size=group_size, bits=4)
+        return ql.apply_epilogue(y, epilogue, residual)
+
+    monkeypatch.setattr(ql, "_cuda_build", lambda: True)
+    monkeypatch.setattr(ql, "_on_gpu", lambda: True)
+    monkeypatch.setattr(ql, "fused_quantized_matmul", stand_in)
+    # The fused kernel's sizes: every K (hidden, heads x head_dim, intermediate) a multiple of 256.
+    folder = build_tiny_qwen3(
+        tmp_path / "kernel-sized",
+        hidden_size=256,
+        head_dim=64,
+        intermediate_size=512,
+        vocab_size=8192,
+        eos_token_id=2,
+    )
+
+    def quantized() -> nn.Module:
+        model = load(str(folder)).model
+        model.set_dtype(mx.bfloat16)
+        nn.quantize(model, group_size=64, bits=4)
+        mx.eval(model.parameters())
+        return model
+
+    stock, fast = quantized(), quantized()
+    assert fuse_projections(fast, force=True) > 0
+    gate_up = fast.model.layers[0].mlp.gate_up_proj
+    assert gate_up.gate_up_interleaved and gate_up.weight.shape[0] == 2 * 512
+    ql.accelerate_quantized_layers(fast, force=True)
+    assert fast.model.layers[0].mlp.gate_up_proj.gate_up_interleaved  # kept by the swap
+    assert compile_decode_blocks(fast) == len(fast.model.layers)
+    # Prompts take the block's own path: the SwiGLU after the matmul, from interleaved rows.
+    assert_decodes_like(fast, stock, PROMPTS[1], alone_steps=6, batched_steps=6)
+    layers = len(fast.model.layers)
+    # Traced once a layer alone (SwiGLU only: one row of a small layer takes the stock op and
+    # then the add) and once in the batch of three.
+    assert calls.count(("swiglu", (1, 1))) == calls.count(("swiglu", (3, 1))) == layers
+    assert calls.count(("residual", (3, 1))) == 2 * layers
+    assert ("residual", (1, 1)) not in calls
+    assert ("swiglu", (1, len(PROMPTS[1]))) in calls  # a prompt, through the model's own MLP
+
+    # Off: gate/up stay concatenated and every add is its own operation.
+    ql.set_fused_epilogues(False)
+    try:
+        calls.clear()
+        plain = quantized()
+        fuse_projections(plain, force=True)
+        assert not getattr(plain.model.layers[0].mlp.gate_up_proj, "gate_up_interleaved", False)
+        ql.accelerate_quantized_layers(plain, force=True)
+        compile_decode_blocks(plain)
+        assert_decodes_like(plain, stock, PROMPTS[1], alone_steps=2, batched_steps=2)
+        assert calls and all(epilogue == "none" for epilogue, _ in calls)
+    finally:
+        ql.set_fused_epilogues(True)

@@ -266,3 +266,94 @@ def test_routing_on_a_cuda_device(monkeypatch: pytest.MonkeyPatch) -> None:
     x = mx.random.normal((4, 1, 256))
     assert fast(x).shape == (4, 1, 256)
     assert len(calls) == 1
+
+
+def test_gate_up_interleaving_round_trips() -> None:
+    from mlx_llm_server.kernels.quantized_linear import (
+        GATE_UP_RUN,
+        interleave_gate_up,
+        split_gate_up,
+    )
+
+    gate = mx.arange(32 * 3).reshape(32, 3)
+    up = -gate
+    rows = interleave_gate_up(gate, up)
+    assert rows.shape == (64, 3)
+    # Runs of 8: gate rows 0-7, up rows 0-7, gate rows 8-15, ...
+    assert mx.array_equal(rows[:GATE_UP_RUN], gate[:GATE_UP_RUN]).item()
+    assert mx.array_equal(rows[GATE_UP_RUN : 2 * GATE_UP_RUN], up[:GATE_UP_RUN]).item()
+    # A matmul's output over those rows (features last) splits back into the two halves.
+    halves = split_gate_up(mx.broadcast_to(rows.T[:, None], (3, 2, 64)))
+    for half, expected in zip(halves, (gate, up), strict=True):
+        assert mx.array_equal(half[:, 0], expected.T).item()
+
+
+def test_epilogues_on_a_cuda_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Which calls take the fused kernel's residual and SwiGLU epilogues (the kernel stubbed
+    with its MLX reference on the stock matmul), and that every call computes what the separate
+    layers do, bit for bit."""
+    import mlx_llm_server.kernels.quantized_linear as ql
+
+    calls: list[tuple[str, tuple[int, ...]]] = []
+
+    def fake_fused(x, w, scales, biases, group_size, config=None, epilogue="none", residual=None):  # type: ignore[no-untyped-def]
+        calls.append((epilogue, x.shape))
+        y = mx.quantized_matmul(x, w, scales, biases, group_size=group_size, bits=4)
+        return ql.apply_epilogue(y, epilogue, residual)
+
+    monkeypatch.setattr(ql, "_cuda_build", lambda: True)
+    monkeypatch.setattr(ql, "_on_gpu", lambda: True)
+    monkeypatch.setattr(ql, "fused_quantized_matmul", fake_fused)
+    mx.random.seed(4)
+    gate, up = (nn.QuantizedLinear(256, 256, bias=False, group_size=64, bits=4) for _ in "gu")
+    for layer in (gate, up):
+        layer.set_dtype(mx.bfloat16)
+    mx.eval(gate.parameters(), up.parameters())
+    assert ql.fused_epilogues_apply(gate)
+    from mlx_llm_server.kernels.fused_projections import concatenate_gate_up
+
+    fused = ql.AcceleratedQuantizedLinear.from_quantized(concatenate_gate_up(gate, up))
+    assert fused.gate_up_interleaved
+    expected = {}
+    for rows in (1, 4, 100):
+        x = mx.random.normal((rows, 1, 256)).astype(mx.bfloat16)
+        expected[rows] = nn.silu(gate(x)) * up(x)
+        assert mx.array_equal(ql.swiglu_linear(fused, x), expected[rows]).item()
+    # Up to 64 rows (one too) on the kernel; more rows: the matmul, then the SwiGLU.
+    assert [c for c in calls if c[0] == "swiglu"] == [
+        ("swiglu", (1, 1, 256)),
+        ("swiglu", (4, 1, 256)),
+    ]
+
+    calls.clear()
+    down = ql.AcceleratedQuantizedLinear.from_quantized(gate)
+    h = mx.random.normal((4, 1, 256)).astype(mx.bfloat16)
+    x = mx.random.normal((4, 1, 256)).astype(mx.bfloat16)
+    assert mx.array_equal(ql.residual_linear(down, x, h), h + gate(x)).item()
+    assert calls == [("residual", (4, 1, 256))]
+    one = x[:1]
+    assert mx.array_equal(ql.residual_linear(down, one, h[:1]), h[:1] + gate(one)).item()
+    assert calls == [("residual", (4, 1, 256))]  # one row of a small layer: stock op, then add
+    # Off: no epilogue, the same numbers.
+    calls.clear()
+    ql.set_fused_epilogues(False)
+    try:
+        assert not ql.fused_epilogues_apply(gate)
+        assert mx.array_equal(ql.residual_linear(down, x, h), h + gate(x)).item()
+        x4 = mx.random.normal((4, 1, 256)).astype(mx.bfloat16)
+        assert mx.array_equal(ql.swiglu_linear(fused, x4), nn.silu(gate(x4)) * up(x4)).item()
+        assert calls and all(epilogue == "none" for epilogue, _ in calls)
+    finally:
+        ql.set_fused_epilogues(True)
+
+
+def test_epilogues_are_the_unstaged_kernels() -> None:
+    staged = FusedConfig(mt=4, rt=1, kw=2, nw=4)
+    with pytest.raises(ValueError):
+        kernel_source(staged, 64, mx.bfloat16, "residual")
+    unstaged = FusedConfig(mt=1, rt=1, kw=4)
+    _, residual = kernel_source(unstaged, 64, mx.bfloat16, "residual")
+    _, swiglu = kernel_source(unstaged, 64, mx.bfloat16, "swiglu")
+    assert "residual[o]" in residual and "hexp" in swiglu and "hexp" not in residual
+    with pytest.raises(ValueError):
+        kernel_source(unstaged, 64, mx.bfloat16, "gelu")

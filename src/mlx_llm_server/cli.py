@@ -165,6 +165,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: on)",
     )
     parser.add_argument(
+        "--fused-epilogues",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="on NVIDIA GPUs, the fused 4-bit kernel adds residuals and computes the SwiGLU as "
+        "it stores (default: on)",
+    )
+    parser.add_argument(
         "--staged-matmul-rows",
         type=int,
         default=STAGED_MIN_ROWS,
@@ -355,6 +362,7 @@ def model_starter(
             from .kernels.quantized_linear import (
                 accelerate_quantized_layers,
                 cuda_gpu_is_default,
+                set_fused_epilogues,
                 set_one_row_fused,
                 set_staged_min_rows,
             )
@@ -369,7 +377,8 @@ def model_starter(
             )
             model = load(spec.name, context_length=args.context_length)
             # One matmul for q/k/v and one for gate/up on NVIDIA GPUs (models that offer it:
-            # Qwen3).
+            # Qwen3), gate/up rows laid out for the SwiGLU epilogue where it is on.
+            set_fused_epilogues(args.fused_epilogues)
             if fuse_projections(model.model):
                 logger.info("%s: q/k/v and gate/up projections fused", spec.model_id)
             # Faster batched 4-bit matmuls on NVIDIA GPUs; a no-op elsewhere.

@@ -21,7 +21,8 @@ from mlx_lm.models.cache import BatchKVCache
 from mlx_lm.models.rope_utils import initialize_rope
 
 from ..kernels import decode_attention
-from ..kernels.fused_projections import concatenate_linears
+from ..kernels.fused_projections import concatenate_gate_up, concatenate_linears
+from ..kernels.quantized_linear import swiglu_linear
 
 
 @dataclass
@@ -170,7 +171,7 @@ class MLP(nn.Module):
         """Replaces gate/up_proj by one `gate_up_proj` (kernels/fused_projections.py)."""
         if "gate_up_proj" in self:
             return False
-        fused = concatenate_linears([self.gate_proj, self.up_proj])
+        fused = concatenate_gate_up(self.gate_proj, self.up_proj)
         if fused is None:
             return False
         self.gate_up_proj = fused
@@ -179,10 +180,8 @@ class MLP(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         if "gate_up_proj" in self:
-            gate, up = mx.split(self.gate_up_proj(x), 2, axis=-1)
-        else:
-            gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(nn.silu(gate) * up)
+            return self.down_proj(swiglu_linear(self.gate_up_proj, x))
+        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class TransformerBlock(nn.Module):

@@ -25,6 +25,7 @@ import mlx.nn as nn
 from mlx_lm.models.cache import BatchKVCache, KVCache
 
 from .head_rope import head_rope_for, norm_and_rope, reference_head_rope
+from .quantized_linear import residual_linear, swiglu_linear
 
 __all__ = ["CompiledDecodeBlock", "compile_decode_blocks"]
 
@@ -73,8 +74,13 @@ class CompiledDecodeBlock(nn.Module):
                 merged = attended.reshape(batch, 1, -1)
             else:
                 merged = attended.transpose(0, 2, 1, 3).reshape(batch, length, -1)
-            h = x + attention.o_proj(merged)
-            return h + mlp(block.post_attention_layernorm(h))
+            # On NVIDIA GPUs the fused 4-bit kernel adds the residuals and computes the SwiGLU
+            # as it stores (kernels/quantized_linear.py): four nodes a layer less.
+            h = residual_linear(attention.o_proj, merged, x)
+            normed = block.post_attention_layernorm(h)
+            if "gate_up_proj" in mlp and "down_proj" in mlp:
+                return residual_linear(mlp.down_proj, swiglu_linear(mlp.gate_up_proj, normed), h)
+            return h + mlp(normed)
 
         self._before: Callable[..., Any] = mx.compile(before_attention)
         self._after: Callable[..., Any] = mx.compile(after_attention)

@@ -21,9 +21,9 @@ from collections.abc import Sequence
 import mlx.core as mx
 import mlx.nn as nn
 
-from .quantized_linear import cuda_gpu_is_default
+from .quantized_linear import cuda_gpu_is_default, fused_epilogues_apply, interleave_gate_up
 
-__all__ = ["concatenate_linears", "fuse_projections"]
+__all__ = ["concatenate_gate_up", "concatenate_linears", "fuse_projections"]
 
 
 def _same_quantization(layers: Sequence[nn.Module]) -> bool:
@@ -35,14 +35,18 @@ def _same_quantization(layers: Sequence[nn.Module]) -> bool:
     )
 
 
-def concatenate_linears(layers: Sequence[nn.Module]) -> nn.Module | None:
+def concatenate_linears(layers: Sequence[nn.Module], interleave: bool = False) -> nn.Module | None:
     """One layer computing ``concatenate([layer(x) for layer in layers], axis=-1)``.
 
     Takes bias-free ``nn.Linear`` layers, or ``nn.QuantizedLinear`` layers (or subclasses)
     quantized alike, all with the same input size; returns None for anything else (the caller
     keeps its layers). The new layer's weights are evaluated here, so the old ones can be freed
-    one module at a time.
+    one module at a time. ``interleave`` (two layers of one width): their rows alternate instead,
+    as ``interleave_gate_up`` lays them out.
     """
+    join = (lambda parts: interleave_gate_up(*parts)) if interleave else mx.concatenate
+    if interleave and (len(layers) != 2 or layers[0].weight.shape != layers[1].weight.shape):
+        return None
     if not layers or any("bias" in layer for layer in layers):
         return None
     widths = {layer.weight.shape[1] for layer in layers}
@@ -57,19 +61,28 @@ def concatenate_linears(layers: Sequence[nn.Module]) -> nn.Module | None:
         fused = nn.QuantizedLinear.__new__(nn.QuantizedLinear)
         nn.Module.__init__(fused)
         fused.group_size, fused.bits, fused.mode = first.group_size, first.bits, first.mode
-        fused.weight = mx.concatenate([layer.weight for layer in layers])
-        fused.scales = mx.concatenate([layer.scales for layer in layers])
+        fused.weight = join([layer.weight for layer in layers])
+        fused.scales = join([layer.scales for layer in layers])
         biases = [layer.get("biases") for layer in layers]
-        fused.biases = None if biases[0] is None else mx.concatenate(biases)
+        fused.biases = None if biases[0] is None else join(biases)
         fused.freeze()
     elif all(type(layer) is nn.Linear for layer in layers):
         fused = nn.Linear.__new__(nn.Linear)
         nn.Module.__init__(fused)
-        fused.weight = mx.concatenate([layer.weight for layer in layers])
+        fused.weight = join([layer.weight for layer in layers])
     else:
         return None
     mx.eval(fused.parameters())
+    if interleave:
+        fused.gate_up_interleaved = True  # read by `swiglu_linear`
     return fused
+
+
+def concatenate_gate_up(gate: nn.Module, up: nn.Module) -> nn.Module | None:
+    """A SwiGLU MLP's gate and up projections as one layer, for ``swiglu_linear``: rows
+    interleaved where the fused 4-bit kernel can compute the SwiGLU as it stores, else
+    concatenated."""
+    return concatenate_linears([gate, up], interleave=fused_epilogues_apply(gate))
 
 
 def fuse_projections(model: nn.Module, force: bool = False) -> int:

@@ -25,19 +25,28 @@ import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
 __all__ = [
+    "EPILOGUES",
+    "GATE_UP_RUN",
     "STAGED_MIN_ROWS",
     "AcceleratedQuantizedEmbedding",
     "AcceleratedQuantizedLinear",
     "FusedConfig",
     "accelerate_quantized_layers",
+    "apply_epilogue",
     "choose_path",
     "cuda_gpu_is_default",
     "dequantize_matmul",
+    "fused_epilogues_apply",
     "fused_quantized_matmul",
     "fused_supported",
+    "interleave_gate_up",
     "kernel_source",
     "launch_shape",
+    "residual_linear",
+    "set_fused_epilogues",
     "set_staged_min_rows",
+    "split_gate_up",
+    "swiglu_linear",
 ]
 
 # K is walked in chunks of 256 (each lane reads 2 x 16 bytes of packed weights per row).
@@ -259,6 +268,18 @@ _SOURCE = r"""
         mine[mm * LD + nn] = acc[rt][mt][i];
       }
   __syncthreads();
+"""
+
+
+# How the unstaged kernel stores its block of sums (after the KW partials are in `qlx_red`), by
+# epilogue. "residual" adds a (..., N) input as it stores: `residual + x @ W.T`, one graph node
+# instead of two. "swiglu" takes a fused gate/up layer whose rows alternate in runs of 8 gate and
+# 8 up features (`interleave_gate_up`), so each 16-row tile holds both halves of 8 outputs, and
+# stores silu(gate) * up (N / 2 features): one node instead of three (matmul, split, product).
+# Both round as MLX does: the matmul's output to T first, then each operation in T (MLX's
+# sigmoid is 1 / (1 + exp|x|), mirrored for x >= 0).
+_STORES = {
+    "none": r"""
   for (int idx = threadIdx.x; idx < ROWS * COLS; idx += 32 * KW) {
     const int mm = idx / ROWS;
     const int nn = idx - mm * ROWS;
@@ -270,7 +291,47 @@ _SOURCE = r"""
     for (int k = 0; k < KW; ++k) s += qlx_red[k * (COLS * LD) + mm * LD + nn];
     y[(size_t)(m0 + mm) * N + n0 + nn] = static_cast<T>(s);
   }
-"""
+""",
+    "residual": r"""
+  for (int idx = threadIdx.x; idx < ROWS * COLS; idx += 32 * KW) {
+    const int mm = idx / ROWS;
+    const int nn = idx - mm * ROWS;
+    if (m0 + mm >= M) {
+      break;
+    }
+    float s = 0.0f;
+#pragma unroll
+    for (int k = 0; k < KW; ++k) s += qlx_red[k * (COLS * LD) + mm * LD + nn];
+    const size_t o = (size_t)(m0 + mm) * N + n0 + nn;
+    y[o] = static_cast<T>(s) + residual[o];
+  }
+""",
+    "swiglu": r"""
+  constexpr int OUTS = ROWS / 2;
+  for (int idx = threadIdx.x; idx < OUTS * COLS; idx += 32 * KW) {
+    const int mm = idx / OUTS;
+    const int p = idx - mm * OUTS;
+    if (m0 + mm >= M) {
+      break;
+    }
+    const int nn = (p >> 3) * 16 + (p & 7);  // the gate row; its up row is 8 further
+    float sg = 0.0f, su = 0.0f;
+#pragma unroll
+    for (int k = 0; k < KW; ++k) {
+      sg += qlx_red[k * (COLS * LD) + mm * LD + nn];
+      su += qlx_red[k * (COLS * LD) + mm * LD + nn + 8];
+    }
+    const T gate = static_cast<T>(sg);
+    const T up = static_cast<T>(su);
+    const T one = static_cast<T>(1.0f);
+    const T e = one / (one + hexp(__habs(gate)));
+    const T sigmoid = gate < static_cast<T>(0.0f) ? e : one - e;
+    y[(size_t)(m0 + mm) * (N / 2) + n0 / 2 + p] = gate * sigmoid * up;
+  }
+""",
+}
+EPILOGUES = tuple(_STORES)
+GATE_UP_RUN = 8  # the "swiglu" epilogue's run length: half the kernel's 16-row weight tile
 
 
 # Staged kernel body. Block: NW x KW warps; warp (nw, kw) owns output rows n0 + 16 nw + g (+8)
@@ -444,12 +505,17 @@ def _minify(code: str) -> str:
 _HEADER_MIN = _minify(_HEADER)
 
 
-def kernel_source(cfg: FusedConfig, group_size: int, dtype: mx.Dtype) -> tuple[str, str]:
+def kernel_source(
+    cfg: FusedConfig, group_size: int, dtype: mx.Dtype, epilogue: str = "none"
+) -> tuple[str, str]:
     """Header and body of one fused-kernel variant, as handed to ``mx.fast.cuda_kernel``.
 
-    The tile shape, group size and dtype are compile-time constants baked into the body (no
-    template arguments to convert and hash per call).
+    The tile shape, group size, dtype and epilogue (``EPILOGUES``; the unstaged kernel only) are
+    compile-time constants baked into the body (no template arguments to convert and hash per
+    call).
     """
+    if epilogue not in _STORES or (cfg.nw > 1 and epilogue != "none"):
+        raise ValueError(f"no {epilogue!r} epilogue for {cfg}")
     bf16 = dtype == mx.bfloat16
     consts = (
         f"using T = {'__nv_bfloat16' if bf16 else '__half'};\n"
@@ -458,7 +524,8 @@ def kernel_source(cfg: FusedConfig, group_size: int, dtype: mx.Dtype) -> tuple[s
         f"constexpr bool BF16 = {'true' if bf16 else 'false'};\n"
     )
     consts += f"constexpr int NW = {cfg.nw};\n"
-    return _HEADER_MIN, consts + _minify(_STAGED_SOURCE if cfg.nw > 1 else _SOURCE)
+    body = _STAGED_SOURCE if cfg.nw > 1 else _SOURCE + _STORES[epilogue]
+    return _HEADER_MIN, consts + _minify(body)
 
 
 def _shared_bytes(cfg: FusedConfig) -> int:
@@ -470,12 +537,15 @@ def _shared_bytes(cfg: FusedConfig) -> int:
 
 
 @cache
-def _kernel(cfg: FusedConfig, group_size: int, dtype: mx.Dtype) -> object:
-    header, source = kernel_source(cfg, group_size, dtype)
+def _kernel(cfg: FusedConfig, group_size: int, dtype: mx.Dtype, epilogue: str = "none") -> object:
+    header, source = kernel_source(cfg, group_size, dtype, epilogue)
     tag = "bf16" if dtype == mx.bfloat16 else "f16"
+    if epilogue != "none":
+        tag += f"_{epilogue}"
     return mx.fast.cuda_kernel(
         name=f"qlx_qmm4_m{cfg.mt}_r{cfg.rt}_k{cfg.kw}_n{cfg.nw}_g{group_size}_{tag}",
-        input_names=["x", "w", "scales", "biases"],
+        input_names=["x", "w", "scales", "biases"]
+        + (["residual"] if epilogue == "residual" else []),
         output_names=["y"],
         source=source,
         header=header,
@@ -504,17 +574,25 @@ _MAX_PLANS = 4096
 
 
 def _plan(
-    shape: tuple[int, ...], n: int, group_size: int, dtype: mx.Dtype, config: FusedConfig | None
+    shape: tuple[int, ...],
+    n: int,
+    group_size: int,
+    dtype: mx.Dtype,
+    config: FusedConfig | None,
+    epilogue: str = "none",
 ) -> tuple:
     m = 1
     for d in shape[:-1]:
         m *= d
     cfg = config or _default_fused_config(m, n)
+    if epilogue != "none" and config is None and cfg.nw > 1:
+        cfg = _unstaged_config(m, n)  # epilogues are the unstaged kernel's
     if n % (16 * cfg.rt * cfg.nw):
         raise ValueError(f"{cfg} needs a multiple of {16 * cfg.rt * cfg.nw} output features")
     grid, threadgroup = launch_shape(cfg, m, n)
-    kernel = _kernel(cfg, group_size, dtype)
-    return kernel, grid, threadgroup, [(*shape[:-1], n)], [dtype]
+    kernel = _kernel(cfg, group_size, dtype, epilogue)
+    out = n // 2 if epilogue == "swiglu" else n
+    return kernel, grid, threadgroup, [(*shape[:-1], out)], [dtype]
 
 
 def launch_shape(
@@ -534,26 +612,59 @@ def fused_quantized_matmul(
     biases: mx.array,
     group_size: int,
     config: FusedConfig | None = None,
+    epilogue: str = "none",
+    residual: mx.array | None = None,
 ) -> mx.array:
     """``x @ dequantize(w).T`` for 4-bit affine weights, on the fused CUDA kernel.
 
     ``x`` is (..., K) with at least one row and the dtype of ``scales``; ``w`` is (N, K / 8)
-    uint32. Check ``fused_supported`` first.
+    uint32. Check ``fused_supported`` first. ``epilogue`` (see ``_STORES``): "residual" returns
+    ``residual + x @ W.T`` for a ``residual`` of the output's shape and dtype; "swiglu" returns
+    silu(gate) * up, (..., N / 2), for rows laid out by ``interleave_gate_up``.
     """
-    key = (x.shape, w.shape[0], group_size, scales.dtype, config)
+    key = (x.shape, w.shape[0], group_size, scales.dtype, config, epilogue)
     plan = _PLANS.get(key)
     if plan is None:
         if len(_PLANS) >= _MAX_PLANS:
             _PLANS.clear()
-        plan = _PLANS[key] = _plan(x.shape, w.shape[0], group_size, scales.dtype, config)
+        plan = _PLANS[key] = _plan(x.shape, w.shape[0], group_size, scales.dtype, config, epilogue)
     kernel, grid, threadgroup, out_shapes, out_dtypes = plan
+    inputs = [x, w, scales, biases]
+    if epilogue == "residual":
+        inputs.append(residual)
     return kernel(
-        inputs=[x, w, scales, biases],
+        inputs=inputs,
         grid=grid,
         threadgroup=threadgroup,
         output_shapes=out_shapes,
         output_dtypes=out_dtypes,
     )[0]
+
+
+def apply_epilogue(y: mx.array, epilogue: str, residual: mx.array | None = None) -> mx.array:
+    """What an epilogue does to a plain matmul's output ``y``, with MLX's own operations."""
+    if epilogue == "residual":
+        assert residual is not None
+        return residual + y
+    if epilogue == "swiglu":
+        gate, up = split_gate_up(y)
+        return nn.silu(gate) * up
+    return y
+
+
+def interleave_gate_up(gate: mx.array, up: mx.array) -> mx.array:
+    """The rows of two (I, ...) arrays in alternating runs of ``GATE_UP_RUN``: gate rows 0-7,
+    up rows 0-7, gate rows 8-15, ... (the layout the "swiglu" epilogue reads)."""
+    rest = gate.shape[1:]
+    runs = [part.reshape(-1, GATE_UP_RUN, *rest) for part in (gate, up)]
+    return mx.stack(runs, axis=1).reshape(-1, *rest)
+
+
+def split_gate_up(y: mx.array) -> tuple[mx.array, mx.array]:
+    """The gate and up halves, (..., I) each, of an interleaved layer's output (..., 2 I)."""
+    *lead, n = y.shape
+    runs = y.reshape(*lead, n // (2 * GATE_UP_RUN), 2, GATE_UP_RUN)
+    return runs[..., 0, :].reshape(*lead, n // 2), runs[..., 1, :].reshape(*lead, n // 2)
 
 
 def dequantize_matmul(
@@ -686,19 +797,27 @@ def _fast_layer(module: nn.Module) -> bool:
     )
 
 
-def _quantized_matmul(module: nn.Module, x: mx.array) -> mx.array:
+def _path(module: nn.Module, x: mx.array) -> tuple[str, bool]:
+    """The path of one call, and whether the stock op gets the rows flattened to 2-D."""
+    if module.force_path is not None:
+        return module.force_path, False
+    if not (module._cuda and _on_gpu()):
+        return "stock", False
+    k = x.shape[-1]
+    m = x.size // k
+    path = "stock"
+    if module._fast and x.dtype == module["scales"].dtype:
+        path = choose_path(m, module["weight"].shape[0], k)
+    # Several batch entries: one 2-D call instead of a GEMV per entry.
+    return path, path == "stock" and x.ndim > 2 and m > x.shape[-2]
+
+
+def _quantized_matmul(
+    module: nn.Module, x: mx.array, path: str | None = None, flatten: bool = False
+) -> mx.array:
     w, scales, biases = module["weight"], module["scales"], module.get("biases")
-    path = module.force_path
-    flatten = False
     if path is None:
-        path = "stock"
-        if module._cuda and _on_gpu():
-            k = x.shape[-1]
-            m = x.size // k
-            if module._fast and x.dtype == scales.dtype:
-                path = choose_path(m, w.shape[0], k)
-            # Several batch entries: one 2-D call instead of a GEMV per entry.
-            flatten = path == "stock" and x.ndim > 2 and m > x.shape[-2]
+        path, flatten = _path(module, x)
     if path == "fused":
         return fused_quantized_matmul(x, w, scales, biases, module.group_size)
     if path == "dequant":
@@ -722,26 +841,84 @@ def _quantized_matmul(module: nn.Module, x: mx.array) -> mx.array:
     return y.reshape(*shape[:-1], w.shape[0]) if flatten else y
 
 
+_epilogues_enabled = True
+
+
+def set_fused_epilogues(enabled: bool) -> None:
+    """Whether fused-kernel calls add residuals and compute SwiGLU as they store (the default),
+    and `fuse_projections` lays gate/up rows out for it; off, those stay separate operations."""
+    global _epilogues_enabled
+    _epilogues_enabled = enabled
+
+
+def fused_epilogues_apply(layer: nn.Module) -> bool:
+    """Whether calls of ``layer`` (a quantized linear layer) can take the fused epilogues."""
+    return (
+        _epilogues_enabled
+        and isinstance(layer, nn.QuantizedLinear)
+        and "bias" not in layer
+        and _cuda_build()
+        and _fast_layer(layer)
+    )
+
+
 class AcceleratedQuantizedLinear(nn.QuantizedLinear):
     """``nn.QuantizedLinear`` with the same parameters and a faster matmul on NVIDIA GPUs.
 
     ``force_path`` pins one path ('fused', 'dequant' or 'stock', the latter exactly the stock
     layer) for tests and benchmarks; ``None`` picks per call (see ``choose_path``).
+    ``gate_up_interleaved``: the rows are a fused gate/up layer's, laid out by
+    ``interleave_gate_up`` (see ``swiglu``).
     """
 
     force_path: str | None = None
+    gate_up_interleaved: bool = False
     _cuda: bool = False  # CUDA build: flatten batched rows for the stock op
     _fast: bool = False  # and the fused kernel / dequantize paths apply
 
     @classmethod
     def from_quantized(cls, layer: nn.QuantizedLinear) -> AcceleratedQuantizedLinear:
-        return _adopt(cls.__new__(cls), layer, {"bias": layer.bias} if "bias" in layer else {})
+        extra: dict[str, Any] = {"bias": layer.bias} if "bias" in layer else {}
+        if getattr(layer, "gate_up_interleaved", False):
+            extra["gate_up_interleaved"] = True
+        return _adopt(cls.__new__(cls), layer, extra)
 
     def __call__(self, x: mx.array) -> mx.array:
         y = _quantized_matmul(self, x)
         if "bias" in self:
             y = y + self["bias"]
         return y
+
+    def add_to(self, x: mx.array, residual: mx.array) -> mx.array:
+        """``residual + self(x)``; on the fused kernel the add happens as it stores."""
+        if "bias" in self or not _epilogues_enabled:
+            return residual + self(x)
+        path, flatten = _path(self, x)
+        if (
+            path == "fused"
+            and residual.dtype == x.dtype
+            and residual.shape == (*x.shape[:-1], self["weight"].shape[0])
+        ):
+            w, scales, biases = self["weight"], self["scales"], self["biases"]
+            return fused_quantized_matmul(
+                x, w, scales, biases, self.group_size, epilogue="residual", residual=residual
+            )
+        return residual + _quantized_matmul(self, x, path, flatten)
+
+    def swiglu(self, x: mx.array) -> mx.array:
+        """silu(gate) * up of an interleaved gate/up layer: on the fused kernel as it stores, up
+        to 64 rows, one row included (there one node instead of three outweighs the fused call's
+        host cost); else after the matmul."""
+        if "bias" in self:
+            return apply_epilogue(self(x), "swiglu")
+        path, flatten = _path(self, x)
+        one_row = x.size == x.shape[-1]
+        if path == "stock" and one_row and self.force_path is None and self._fast and _on_gpu():
+            path = "fused" if x.dtype == self["scales"].dtype else path
+        if path == "fused" and _epilogues_enabled:
+            w, scales, biases = self["weight"], self["scales"], self["biases"]
+            return fused_quantized_matmul(x, w, scales, biases, self.group_size, epilogue="swiglu")
+        return apply_epilogue(_quantized_matmul(self, x, path, flatten), "swiglu")
 
 
 class AcceleratedQuantizedEmbedding(nn.QuantizedEmbedding):
@@ -810,3 +987,19 @@ def accelerate_quantized_layers(model: nn.Module, force: bool = False) -> int:
     if swaps:
         model.update_modules(tree_unflatten(swaps))
     return len(swaps)
+
+
+def residual_linear(layer: nn.Module, x: mx.array, residual: mx.array) -> mx.array:
+    """``residual + layer(x)``: one fused-kernel node where ``layer`` is accelerated."""
+    add_to = getattr(layer, "add_to", None)
+    return add_to(x, residual) if add_to is not None else residual + layer(x)
+
+
+def swiglu_linear(layer: nn.Module, x: mx.array) -> mx.array:
+    """silu(gate) * up from a fused gate/up layer: interleaved rows (``gate_up_interleaved``),
+    else the two halves concatenated (kernels/fused_projections.py)."""
+    if not getattr(layer, "gate_up_interleaved", False):
+        gate, up = mx.split(layer(x), 2, axis=-1)
+        return nn.silu(gate) * up
+    swiglu = getattr(layer, "swiglu", None)
+    return swiglu(x) if swiglu is not None else apply_epilogue(layer(x), "swiglu")
