@@ -33,8 +33,9 @@ Part 1 runs the batch cache twice: MLX's masked attention, then the decode-atten
    largest error against the model's own operations, the number of graph nodes in a one-row
    step with and without it, then steps at each row count as in part 8.
 
-10. The fused 4-bit kernel's epilogues (residual adds, SwiGLU; `kernels/quantized_linear.py`):
-   largest errors, graph nodes at one row, then steps with and without them as in part 8.
+10. The fused 4-bit kernel's epilogues and folded norms (residual adds, SwiGLU, RMSNorm before
+   q/k/v and gate/up; `kernels/quantized_linear.py`): largest errors, graph nodes at one row,
+   then steps with and without them as in part 8.
 
 `--parts` picks which (e.g. `1,5`).
 
@@ -575,57 +576,73 @@ def set_epilogues(model: Any, on: bool) -> None:
 def part_epilogues(
     model: Any, args: Any, rows: list[int], length: int, steps: int, repeats: int
 ) -> None:
-    """The fused 4-bit kernel's epilogues (`kernels/quantized_linear.py`): residual adds on
-    o_proj and down_proj, SwiGLU on the interleaved gate_up_proj. Their largest error against
-    the same kernel without the epilogue followed by MLX's operations, and against the stock
-    `mx.quantized_matmul` followed by them; the graph's node count at one row; then steps with
-    and without them (compiled blocks with the head kernel, fused kernel at one row as served)."""
+    """The fused 4-bit kernel's epilogues and folded norm (`kernels/quantized_linear.py`):
+    residual adds on o_proj (reading attention's (B, heads, 1, D) output as it is) and
+    down_proj, the norm before q/k/v, the norm + SwiGLU on the interleaved gate_up_proj. Their
+    largest error against the same kernel without them followed by MLX's operations, and against
+    `reference_fused_matmul` (MLX's operations on the stock matmul); the graph's node count at
+    one row; then steps with and without them (compiled blocks with the head kernel, fused
+    kernel at one row as served)."""
     import mlx.core as mx
 
     from mlx_llm_server.kernels.quantized_linear import (
+        NORM_MAX_ROWS,
         apply_epilogue,
         fused_quantized_matmul,
+        reference_fused_matmul,
         set_one_row_fused,
     )
 
-    print(f"\n## 10. Fused matmul epilogues, KV length {length}\n", flush=True)
+    print(f"\n## 10. Fused matmul epilogues and norms, KV length {length}\n", flush=True)
     set_epilogues(model, True)
     block = model.model.layers[0].block  # compiled now
+    attention, mlp = block.self_attn, block.mlp
     dtype = model.model.norm.weight.dtype
-    cases = {
-        "o_proj + residual": (block.self_attn.o_proj, "residual"),
-        "down_proj + residual": (block.mlp.down_proj, "residual"),
-        "gate_up_proj, SwiGLU": (block.mlp.gate_up_proj, "swiglu"),
+    cases = {  # layer, epilogue, norm folded in, input as attention's heads
+        "o_proj + residual, (B, heads, 1, D) input": (attention.o_proj, "residual", None, True),
+        "down_proj + residual": (mlp.down_proj, "residual", None, False),
+        "input norm + qkv_proj": (attention.qkv_proj, "none", block.input_layernorm, False),
+        "gate_up_proj, SwiGLU": (mlp.gate_up_proj, "swiglu", None, False),
+        "norm + gate_up_proj, SwiGLU": (
+            mlp.gate_up_proj,
+            "swiglu",
+            block.post_attention_layernorm,
+            False,
+        ),
     }
-    print("| layer, epilogue | rows | vs the kernel + MLX ops | vs stock matmul + MLX ops |")
+    print("| layer, what is fused | rows | vs the kernel + MLX ops | vs stock matmul + MLX ops |")
     print("|---|---|---:|---:|")
-    for name, (layer, epilogue) in cases.items():
+    for name, (layer, epilogue, norm, as_heads) in cases.items():
         w, scales, biases = layer["weight"], layer["scales"], layer["biases"]
         k = w.shape[1] * 8
+        norm_args = None if norm is None else (norm.weight, float(norm.eps))
+        counts = [c for c in (1, 3, 8, 13, 33, 64) if norm is None or c <= NORM_MAX_ROWS]
         same, stock = 0.0, 0.0
-        for count in (1, 3, 8, 13, 33, 64):
+        for count in counts:
             key = mx.random.key(count)
-            x = mx.random.normal((count, 1, k), key=key).astype(dtype)
+            x = (mx.random.normal((count, 1, k), key=key) * 2).astype(dtype)
             residual = None
             if epilogue == "residual":
                 residual = (mx.random.normal((count, 1, w.shape[0]), key=key) * 4).astype(dtype)
-            ours = fused_quantized_matmul(
-                x, w, scales, biases, layer.group_size, epilogue=epilogue, residual=residual
-            )
-            plain = fused_quantized_matmul(x, w, scales, biases, layer.group_size)
-            reference = mx.quantized_matmul(
-                x, w, scales, biases, group_size=layer.group_size, bits=4
-            )
-            for ref, into in ((plain, "same"), (reference, "stock")):
-                b = apply_epilogue(ref, epilogue, residual).astype(mx.float32)
-                a = ours.astype(mx.float32)
+            given = x.reshape(count, attention.n_heads, 1, -1) if as_heads else x
+            kwargs = {"epilogue": epilogue, "residual": residual, "norm": norm_args}
+            ours = fused_quantized_matmul(given, w, scales, biases, layer.group_size, **kwargs)
+            normed = x if norm is None else norm(x)
+            plain = fused_quantized_matmul(normed, w, scales, biases, layer.group_size)
+            references = {
+                "same": apply_epilogue(plain, epilogue, residual),
+                "stock": reference_fused_matmul(
+                    given, w, scales, biases, layer.group_size, **kwargs
+                ),
+            }
+            a = ours.astype(mx.float32)
+            for into, ref in references.items():
+                b = ref.astype(mx.float32)
                 assert a.shape == b.shape and not mx.isnan(a).any().item()
                 err = (mx.abs(a - b).max() / mx.abs(b).max()).item()
-                if into == "same":
-                    same = max(same, err)
-                else:
-                    stock = max(stock, err)
-        print(f"| {name} | 1-64 | {same:.2e} | {stock:.2e} |", flush=True)
+                same, stock = (max(same, err), stock) if into == "same" else (same, max(stock, err))
+        span = f"{counts[0]}-{counts[-1]}"
+        print(f"| {name} | {span} | {same:.2e} | {stock:.2e} |", flush=True)
     set_one_row_fused(True)
     set_decode_kernel(model, True)
     settings = {"separate operations": False, "fused epilogues": True}

@@ -2,9 +2,10 @@
 one's registers, spills and shared memory: no GPU needed, only CUDA's compiler.
 
     python bench/kernel_build_check.py [--arch sm_90] [--configs 1,1,4,1 4,1,2,4 ...]
-        [--epilogues none residual swiglu]
+        [--epilogues none residual swiglu] [--norm]
 
-Each epilogue is built for the unstaged configs (nw 1) only, as the module allows.
+Each epilogue is built for the unstaged configs (nw 1) only, as the module allows; `--norm`
+builds each of those with an RMSNorm folded in where it applies (mt 1) as well.
 
 MLX's `mx.fast.cuda_kernel` puts the header before a `__global__` function whose parameters
 are the inputs (with `x_shape` / `x_ndim` / `w_shape` when the body names them) and the
@@ -30,8 +31,11 @@ struct Shape { int32_t d[8]; __device__ int32_t operator[](int i) const { return
 """
 
 
-def wrap(name: str, header: str, body: str, dtype: str, residual: bool = False) -> str:
-    extra = f"const {dtype}* residual, " if residual else ""
+def wrap(
+    name: str, header: str, body: str, dtype: str, residual: bool = False, norm: bool = False
+) -> str:
+    extra = f"const {dtype}* norm_weight, " if norm else ""
+    extra += f"const {dtype}* residual, " if residual else ""
     return PRELUDE + header + f"""
 extern "C" __global__ void {name}(
     const {dtype}* x, const __grid_constant__ Shape x_shape, const __grid_constant__ int x_ndim,
@@ -56,23 +60,26 @@ def main() -> int:
         help="mt,rt,kw,nw per variant",
     )
     parser.add_argument("--epilogues", nargs="*", default=["none"], help="of EPILOGUES")
+    parser.add_argument("--norm", action="store_true", help="also with an RMSNorm folded in")
     args = parser.parse_args()
     failed = 0
     variants = [
-        (spec, epilogue)
+        (spec, epilogue, norm)
         for epilogue in args.epilogues
         for spec in args.configs
-        if epilogue == "none" or spec.split(",")[3] == "1"
+        for norm in ((False, True) if args.norm else (False,))
+        if (epilogue == "none" or spec.split(",")[3] == "1")
+        and (not norm or spec.split(",")[0] == spec.split(",")[3] == "1")
     ]
     with tempfile.TemporaryDirectory() as tmp:
-        for spec, epilogue in variants:
+        for spec, epilogue, norm in variants:
             mt, rt, kw, nw = (int(v) for v in spec.split(","))
             cfg = FusedConfig(mt=mt, rt=rt, kw=kw, nw=nw)
-            header, body = kernel_source(cfg, 64, mx.bfloat16, epilogue)
-            name = f"k_{mt}_{rt}_{kw}_{nw}_{epilogue}"
+            header, body = kernel_source(cfg, 64, mx.bfloat16, epilogue, 1e-6 if norm else None)
+            name = f"k_{mt}_{rt}_{kw}_{nw}_{epilogue}{'_norm' if norm else ''}"
             src = Path(tmp) / f"{name}.cu"
             residual = epilogue == "residual"
-            src.write_text(wrap(name, header, body, "__nv_bfloat16", residual))
+            src.write_text(wrap(name, header, body, "__nv_bfloat16", residual, norm))
             out = subprocess.run(
                 ["nvcc", f"-arch={args.arch}", "-c", "-o", "/dev/null", "-Xptxas", "-v", str(src)],
                 capture_output=True,
@@ -80,7 +87,7 @@ def main() -> int:
             )
             lines = [ln for ln in out.stderr.splitlines() if "registers" in ln or "spill" in ln]
             status = "ok" if out.returncode == 0 else "FAILED"
-            print(f"{cfg} {epilogue}: {status}")
+            print(f"{cfg} {epilogue}{' + norm' if norm else ''}: {status}")
             for ln in lines if out.returncode == 0 else out.stderr.splitlines()[:30]:
                 print("   ", ln.strip())
             failed += out.returncode != 0

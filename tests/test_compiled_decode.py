@@ -190,10 +190,9 @@ def test_fused_epilogues_decode_bit_for_bit(
 
     calls: list[tuple[str, tuple[int, ...]]] = []
 
-    def stand_in(x, w, scales, biases, group_size, config=None, epilogue="none", residual=None):  # type: ignore[no-untyped-def]
-        calls.append((epilogue, x.shape[:-1]))
-        y = mx.quantized_matmul(x, w, scales, biases, group_size=group_size, bits=4)
-        return ql.apply_epilogue(y, epilogue, residual)
+    def stand_in(x, *args, epilogue="none", residual=None, norm=None):  # type: ignore[no-untyped-def]
+        calls.append((epilogue + ("+norm" if norm is not None else ""), x.shape[:-1]))
+        return ql.reference_fused_matmul(x, *args, epilogue=epilogue, residual=residual, norm=norm)
 
     monkeypatch.setattr(ql, "_cuda_build", lambda: True)
     monkeypatch.setattr(ql, "_on_gpu", lambda: True)
@@ -225,11 +224,15 @@ def test_fused_epilogues_decode_bit_for_bit(
     # Prompts take the block's own path: the SwiGLU after the matmul, from interleaved rows.
     assert_decodes_like(fast, stock, PROMPTS[1], alone_steps=6, batched_steps=6)
     layers = len(fast.model.layers)
-    # Traced once a layer alone (SwiGLU only: one row of a small layer takes the stock op and
-    # then the add) and once in the batch of three.
-    assert calls.count(("swiglu", (1, 1))) == calls.count(("swiglu", (3, 1))) == layers
-    assert calls.count(("residual", (3, 1))) == 2 * layers
-    assert ("residual", (1, 1)) not in calls
+    # Traced once a layer alone and once in the batch of three. One row of these small layers
+    # takes the stock op but for the SwiGLU (the norm before it folded in); three rows: the
+    # q/k/v matmul with its norm, o_proj reading attention's (B, heads, 1, D) output as it is
+    # and adding the residual, the norm + SwiGLU, and down_proj adding its residual.
+    assert calls.count(("swiglu+norm", (1, 1))) == layers
+    assert not [call for call in calls if call[0] != "swiglu+norm" and call[1][:2] == (1, 1)]
+    for call in ("none+norm", (3, 1)), ("residual", (3, 4, 1)), ("swiglu+norm", (3, 1)):
+        assert calls.count(call) == layers
+    assert calls.count(("residual", (3, 1))) == layers
     assert ("swiglu", (1, len(PROMPTS[1]))) in calls  # a prompt, through the model's own MLP
 
     # Off: gate/up stay concatenated and every add is its own operation.
@@ -242,6 +245,6 @@ def test_fused_epilogues_decode_bit_for_bit(
         ql.accelerate_quantized_layers(plain, force=True)
         compile_decode_blocks(plain)
         assert_decodes_like(plain, stock, PROMPTS[1], alone_steps=2, batched_steps=2)
-        assert calls and all(epilogue == "none" for epilogue, _ in calls)
+        assert calls and all(kind == "none" for kind, _ in calls)  # nothing folded in either
     finally:
         ql.set_fused_epilogues(True)

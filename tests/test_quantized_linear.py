@@ -296,10 +296,9 @@ def test_epilogues_on_a_cuda_device(monkeypatch: pytest.MonkeyPatch) -> None:
 
     calls: list[tuple[str, tuple[int, ...]]] = []
 
-    def fake_fused(x, w, scales, biases, group_size, config=None, epilogue="none", residual=None):  # type: ignore[no-untyped-def]
-        calls.append((epilogue, x.shape))
-        y = mx.quantized_matmul(x, w, scales, biases, group_size=group_size, bits=4)
-        return ql.apply_epilogue(y, epilogue, residual)
+    def fake_fused(x, *args, epilogue="none", residual=None, norm=None):  # type: ignore[no-untyped-def]
+        calls.append((epilogue + ("+norm" if norm is not None else ""), x.shape))
+        return ql.reference_fused_matmul(x, *args, epilogue=epilogue, residual=residual, norm=norm)
 
     monkeypatch.setattr(ql, "_cuda_build", lambda: True)
     monkeypatch.setattr(ql, "_on_gpu", lambda: True)
@@ -334,6 +333,20 @@ def test_epilogues_on_a_cuda_device(monkeypatch: pytest.MonkeyPatch) -> None:
     one = x[:1]
     assert mx.array_equal(ql.residual_linear(down, one, h[:1]), h[:1] + gate(one)).item()
     assert calls == [("residual", (4, 1, 256))]  # one row of a small layer: stock op, then add
+    # attention's (B, heads, 1, D) output read as (B, 1, heads x D) rows, as it is.
+    heads = x.reshape(4, 2, 1, 128)
+    assert mx.array_equal(ql.residual_linear(down, heads, h), h + gate(x)).item()
+    assert calls[-1] == ("residual", (4, 2, 1, 128))
+    # An RMSNorm before the matmul is folded in up to 8 rows; more rows apply it first.
+    norm = nn.RMSNorm(256)
+    norm.set_dtype(mx.bfloat16)
+    for rows, kind in ((4, "none+norm"), (9, "none")):
+        xs = mx.random.normal((rows, 1, 256)).astype(mx.bfloat16)
+        assert mx.array_equal(ql.norm_linear(down, xs, norm), gate(norm(xs))).item()
+        assert calls[-1] == (kind, (rows, 1, 256))
+        both = ql.swiglu_linear(fused, xs, norm)
+        assert mx.array_equal(both, nn.silu(gate(norm(xs))) * up(norm(xs))).item()
+        assert calls[-1] == ("swiglu" + kind[4:], (rows, 1, 256))
     # Off: no epilogue, the same numbers.
     calls.clear()
     ql.set_fused_epilogues(False)
@@ -357,3 +370,8 @@ def test_epilogues_are_the_unstaged_kernels() -> None:
     assert "residual[o]" in residual and "hexp" in swiglu and "hexp" not in residual
     with pytest.raises(ValueError):
         kernel_source(unstaged, 64, mx.bfloat16, "gelu")
+    _, normed = kernel_source(unstaged, 64, mx.bfloat16, "swiglu", norm_eps=1e-6)
+    assert "constexpr float EPS = 1e-06f;" in normed and "norm_weight" in normed
+    assert "norm_weight" not in swiglu
+    with pytest.raises(ValueError):  # the norm: blocks of up to 8 rows only
+        kernel_source(FusedConfig(mt=2, rt=1, kw=4), 64, mx.bfloat16, norm_eps=1e-6)

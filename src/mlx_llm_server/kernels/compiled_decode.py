@@ -25,7 +25,7 @@ import mlx.nn as nn
 from mlx_lm.models.cache import BatchKVCache, KVCache
 
 from .head_rope import head_rope_for, norm_and_rope, reference_head_rope
-from .quantized_linear import residual_linear, swiglu_linear
+from .quantized_linear import norm_linear, residual_linear, swiglu_linear
 
 __all__ = ["CompiledDecodeBlock", "compile_decode_blocks"]
 
@@ -56,12 +56,14 @@ class CompiledDecodeBlock(nn.Module):
 
         def before_attention(x: mx.array, offset: mx.array) -> tuple[mx.array, ...]:
             batch, length, _ = x.shape
-            normed = block.input_layernorm(x)
+            norm = block.input_layernorm
             if "qkv_proj" in attention:  # fused q/k/v (kernels/fused_projections.py)
-                qkv = attention.qkv_proj(normed)
+                # On NVIDIA GPUs, up to 8 rows, the 4-bit kernel applies the norm as it loads.
+                qkv = norm_linear(attention.qkv_proj, x, norm)
                 if fused_heads is not None and fused_heads.supports(qkv):
                     return fused_heads(qkv, offset)
                 return reference_head_rope(attention, qkv, offset)
+            normed = norm(x)
             queries = attention.q_proj(normed).reshape(batch, length, attention.n_heads, -1)
             keys = attention.k_proj(normed).reshape(batch, length, attention.n_kv_heads, -1)
             values = attention.v_proj(normed).reshape(batch, length, attention.n_kv_heads, -1)
@@ -69,18 +71,16 @@ class CompiledDecodeBlock(nn.Module):
 
         def after_attention(x: mx.array, attended: mx.array) -> mx.array:
             batch, _, length, _ = attended.shape
-            # (B, heads, 1, D) is already in (B, 1, heads, D) order: one node less a layer.
-            if length == 1:
-                merged = attended.reshape(batch, 1, -1)
-            else:
-                merged = attended.transpose(0, 2, 1, 3).reshape(batch, length, -1)
-            # On NVIDIA GPUs the fused 4-bit kernel adds the residuals and computes the SwiGLU
-            # as it stores (kernels/quantized_linear.py): four nodes a layer less.
-            h = residual_linear(attention.o_proj, merged, x)
-            normed = block.post_attention_layernorm(h)
+            # (B, heads, 1, D) holds (B, 1, heads x D) row for row: o_proj takes it as it is.
+            if length != 1:
+                attended = attended.transpose(0, 2, 1, 3).reshape(batch, length, -1)
+            # On NVIDIA GPUs the fused 4-bit kernel adds the residuals, computes the SwiGLU and
+            # (up to 8 rows) the norm before it (kernels/quantized_linear.py).
+            h = residual_linear(attention.o_proj, attended, x)
+            norm = block.post_attention_layernorm
             if "gate_up_proj" in mlp and "down_proj" in mlp:
-                return residual_linear(mlp.down_proj, swiglu_linear(mlp.gate_up_proj, normed), h)
-            return h + mlp(normed)
+                return residual_linear(mlp.down_proj, swiglu_linear(mlp.gate_up_proj, h, norm), h)
+            return h + mlp(norm(h))
 
         self._before: Callable[..., Any] = mx.compile(before_attention)
         self._after: Callable[..., Any] = mx.compile(after_attention)

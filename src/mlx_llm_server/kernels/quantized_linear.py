@@ -27,6 +27,7 @@ from mlx.utils import tree_unflatten
 __all__ = [
     "EPILOGUES",
     "GATE_UP_RUN",
+    "NORM_MAX_ROWS",
     "STAGED_MIN_ROWS",
     "AcceleratedQuantizedEmbedding",
     "AcceleratedQuantizedLinear",
@@ -42,6 +43,8 @@ __all__ = [
     "interleave_gate_up",
     "kernel_source",
     "launch_shape",
+    "norm_linear",
+    "reference_fused_matmul",
     "residual_linear",
     "set_fused_epilogues",
     "set_staged_min_rows",
@@ -140,11 +143,13 @@ _SOURCE = r"""
   constexpr int ROWS = 16 * RT;
   constexpr int COLS = 8 * MT;
   constexpr int LD = ROWS + 4;  // padded smem row: conflict-free fragment stores
-  // x is (..., K), read in place: no reshape nodes in the graph.
-  const int K = x_shape[x_ndim - 1];
+  // x holds M rows of K values, (..., K) or any row-contiguous shape of that size (attention's
+  // (B, heads, 1, D) output), read in place: no reshape nodes in the graph.
+  const int K = w_shape[1] * 8;
   int M = 1;
 #pragma unroll
-  for (int i = 0; i < 9; ++i) M *= i < x_ndim - 1 ? x_shape[i] : 1;
+  for (int i = 0; i < 9; ++i) M *= i < x_ndim ? x_shape[i] : 1;
+  M /= K;
   const int N = w_shape[0];
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
@@ -176,6 +181,7 @@ _SOURCE = r"""
     xok[mt] = m < M;
     xrow[mt] = xok[mt] ? m : M - 1;
   }
+/*NORM_SETUP*/
 
   uint4 wc[RT][2][2];
   uint16_t sc[RT][2][2], bc[RT][2][2];
@@ -220,10 +226,12 @@ _SOURCE = r"""
         // uint4 index of x[row][c * 256 + h * 128 + 32 t + 8 j]
         const int xcol = c * 32 + h * 16 + 4 * t + j;
         uint32_t xp[MT][4];
+/*NORM_WEIGHT*/
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) {
           uint4 v = xv[(size_t)xrow[mt] * (K / 8) + xcol];
           if (!xok[mt]) v = make_uint4(0u, 0u, 0u, 0u);
+/*NORM_X*/
           qlx_xpairs(v, xp[mt]);
         }
 #pragma unroll
@@ -333,6 +341,57 @@ _STORES = {
 EPILOGUES = tuple(_STORES)
 GATE_UP_RUN = 8  # the "swiglu" epilogue's run length: half the kernel's 16-row weight tile
 
+# An RMSNorm folded into the unstaged kernel's activation loads (`norm`), for blocks of up to 8
+# rows (MT 1): each block first sums the squares of its rows' whole K (cheap at a few rows, an
+# extra read of the activations per 16 output features at many), then scales every activation
+# it loads as MLX's RMSNorm does: w * T(x / rms), rounded to T.
+NORM_MAX_ROWS = 8
+_NORM_SNIPPETS = {
+    "/*NORM_SETUP*/": r"""
+  __shared__ float qlx_part[KW];
+  __shared__ float qlx_inv[COLS];
+  for (int r = 0; r < COLS && m0 + r < M; ++r) {
+    const uint4* row = xv + (size_t)(m0 + r) * (K / 8);
+    float ss = 0.0f;
+    for (int q = threadIdx.x; q < K / 8; q += 32 * KW) {
+      uint4 v = row[q];
+      const T* e = reinterpret_cast<const T*>(&v);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        const float f = static_cast<float>(e[i]);
+        ss += f * f;
+      }
+    }
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, off);
+    if (lane == 0) qlx_part[warp] = ss;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      float total = 0.0f;
+      for (int k = 0; k < KW; ++k) total += qlx_part[k];
+      qlx_inv[r] = rsqrt(total / K + EPS);
+    }
+    __syncthreads();
+  }
+  float xinv[MT];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) xinv[mt] = xok[mt] ? qlx_inv[mt * 8 + g] : 0.0f;
+""",
+    "/*NORM_WEIGHT*/": r"""
+        const uint4 nwv = reinterpret_cast<const uint4*>(norm_weight)[xcol];
+""",
+    "/*NORM_X*/": r"""
+          {
+            T* e = reinterpret_cast<T*>(&v);
+            const T* nw = reinterpret_cast<const T*>(&nwv);
+#pragma unroll
+            for (int i = 0; i < 8; ++i) {
+              e[i] = nw[i] * static_cast<T>(static_cast<float>(e[i]) * xinv[mt]);
+            }
+          }
+""",
+}
+
 
 # Staged kernel body. Block: NW x KW warps; warp (nw, kw) owns output rows n0 + 16 nw + g (+8)
 # and every KW-th chunk of 256 K, as in the body above, but the block's COLS activation rows
@@ -346,10 +405,11 @@ _STAGED_SOURCE = r"""
   constexpr int LD = ROWS + 4;
   constexpr int NT = 32 * NW * KW;
   constexpr int STAGE = KW * COLS * 32;  // 16-byte words a stage holds
-  const int K = x_shape[x_ndim - 1];
+  const int K = w_shape[1] * 8;
   int M = 1;
 #pragma unroll
-  for (int i = 0; i < 9; ++i) M *= i < x_ndim - 1 ? x_shape[i] : 1;
+  for (int i = 0; i < 9; ++i) M *= i < x_ndim ? x_shape[i] : 1;
+  M /= K;
   const int N = w_shape[0];
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
@@ -506,16 +566,22 @@ _HEADER_MIN = _minify(_HEADER)
 
 
 def kernel_source(
-    cfg: FusedConfig, group_size: int, dtype: mx.Dtype, epilogue: str = "none"
+    cfg: FusedConfig,
+    group_size: int,
+    dtype: mx.Dtype,
+    epilogue: str = "none",
+    norm_eps: float | None = None,
 ) -> tuple[str, str]:
     """Header and body of one fused-kernel variant, as handed to ``mx.fast.cuda_kernel``.
 
-    The tile shape, group size, dtype and epilogue (``EPILOGUES``; the unstaged kernel only) are
-    compile-time constants baked into the body (no template arguments to convert and hash per
-    call).
+    The tile shape, group size, dtype, epilogue (``EPILOGUES``) and a folded RMSNorm's epsilon
+    (``norm_eps``; MT 1) are compile-time constants baked into the body (no template arguments
+    to convert and hash per call); epilogues and the norm are the unstaged kernel's.
     """
     if epilogue not in _STORES or (cfg.nw > 1 and epilogue != "none"):
         raise ValueError(f"no {epilogue!r} epilogue for {cfg}")
+    if norm_eps is not None and (cfg.nw > 1 or cfg.mt != 1):
+        raise ValueError(f"no folded RMSNorm for {cfg}")
     bf16 = dtype == mx.bfloat16
     consts = (
         f"using T = {'__nv_bfloat16' if bf16 else '__half'};\n"
@@ -524,7 +590,13 @@ def kernel_source(
         f"constexpr bool BF16 = {'true' if bf16 else 'false'};\n"
     )
     consts += f"constexpr int NW = {cfg.nw};\n"
-    body = _STAGED_SOURCE if cfg.nw > 1 else _SOURCE + _STORES[epilogue]
+    if cfg.nw > 1:
+        return _HEADER_MIN, consts + _minify(_STAGED_SOURCE)
+    body = _SOURCE + _STORES[epilogue]
+    for marker, snippet in _NORM_SNIPPETS.items():
+        body = body.replace(marker, "" if norm_eps is None else snippet)
+    if norm_eps is not None:
+        consts += f"constexpr float EPS = {norm_eps!r}f;\n"
     return _HEADER_MIN, consts + _minify(body)
 
 
@@ -574,25 +646,23 @@ _MAX_PLANS = 4096
 
 
 def _plan(
-    shape: tuple[int, ...],
+    m: int,
     n: int,
     group_size: int,
     dtype: mx.Dtype,
     config: FusedConfig | None,
-    epilogue: str = "none",
+    epilogue: str,
+    norm_eps: float | None,
 ) -> tuple:
-    m = 1
-    for d in shape[:-1]:
-        m *= d
     cfg = config or _default_fused_config(m, n)
-    if epilogue != "none" and config is None and cfg.nw > 1:
-        cfg = _unstaged_config(m, n)  # epilogues are the unstaged kernel's
+    if config is None and (epilogue != "none" or norm_eps is not None) and cfg.nw > 1:
+        cfg = _unstaged_config(m, n)  # epilogues and the norm are the unstaged kernel's
+    if norm_eps is not None and m > NORM_MAX_ROWS:
+        raise ValueError(f"a folded RMSNorm takes at most {NORM_MAX_ROWS} rows, not {m}")
     if n % (16 * cfg.rt * cfg.nw):
         raise ValueError(f"{cfg} needs a multiple of {16 * cfg.rt * cfg.nw} output features")
     grid, threadgroup = launch_shape(cfg, m, n)
-    kernel = _kernel(cfg, group_size, dtype, epilogue)
-    out = n // 2 if epilogue == "swiglu" else n
-    return kernel, grid, threadgroup, [(*shape[:-1], out)], [dtype]
+    return _kernel(cfg, group_size, dtype, epilogue, norm_eps), grid, threadgroup
 
 
 def launch_shape(
@@ -614,30 +684,42 @@ def fused_quantized_matmul(
     config: FusedConfig | None = None,
     epilogue: str = "none",
     residual: mx.array | None = None,
+    norm: tuple[mx.array, float] | None = None,
 ) -> mx.array:
     """``x @ dequantize(w).T`` for 4-bit affine weights, on the fused CUDA kernel.
 
     ``x`` is (..., K) with at least one row and the dtype of ``scales``; ``w`` is (N, K / 8)
     uint32. Check ``fused_supported`` first. ``epilogue`` (see ``_STORES``): "residual" returns
-    ``residual + x @ W.T`` for a ``residual`` of the output's shape and dtype; "swiglu" returns
-    silu(gate) * up, (..., N / 2), for rows laid out by ``interleave_gate_up``.
+    ``residual + x @ W.T`` for a ``residual`` of the output's shape and dtype (``x`` may then be
+    any row-contiguous array of its rows, e.g. attention's (B, heads, 1, D)); "swiglu" returns
+    silu(gate) * up, (..., N / 2), for rows laid out by ``interleave_gate_up``. ``norm``, an
+    RMSNorm's (weight, eps), is applied to ``x`` first, inside the kernel (up to 8 rows).
     """
-    key = (x.shape, w.shape[0], group_size, scales.dtype, config, epilogue)
+    n, k = w.shape[0], w.shape[1] * 8
+    if residual is not None:
+        out_shape = tuple(residual.shape)
+    else:
+        out_shape = (*x.shape[:-1], n // 2 if epilogue == "swiglu" else n)
+    norm_eps = None if norm is None else norm[1]
+    key = (x.shape, n, group_size, scales.dtype, config, epilogue, norm_eps)
     plan = _PLANS.get(key)
     if plan is None:
         if len(_PLANS) >= _MAX_PLANS:
             _PLANS.clear()
-        plan = _PLANS[key] = _plan(x.shape, w.shape[0], group_size, scales.dtype, config, epilogue)
-    kernel, grid, threadgroup, out_shapes, out_dtypes = plan
+        m = x.size // k
+        plan = _PLANS[key] = _plan(m, n, group_size, scales.dtype, config, epilogue, norm_eps)
+    kernel, grid, threadgroup = plan
     inputs = [x, w, scales, biases]
+    if norm is not None:
+        inputs.append(norm[0])
     if epilogue == "residual":
         inputs.append(residual)
     return kernel(
         inputs=inputs,
         grid=grid,
         threadgroup=threadgroup,
-        output_shapes=out_shapes,
-        output_dtypes=out_dtypes,
+        output_shapes=[out_shape],
+        output_dtypes=[scales.dtype],
     )[0]
 
 
@@ -650,6 +732,27 @@ def apply_epilogue(y: mx.array, epilogue: str, residual: mx.array | None = None)
         gate, up = split_gate_up(y)
         return nn.silu(gate) * up
     return y
+
+
+def reference_fused_matmul(
+    x: mx.array,
+    w: mx.array,
+    scales: mx.array,
+    biases: mx.array,
+    group_size: int,
+    config: FusedConfig | None = None,
+    epilogue: str = "none",
+    residual: mx.array | None = None,
+    norm: tuple[mx.array, float] | None = None,
+) -> mx.array:
+    """What ``fused_quantized_matmul`` computes, with MLX's own operations (the stock matmul):
+    for checks on the device, and to stand in for the kernel where there is no CUDA GPU."""
+    if residual is not None:
+        x = _rows_like(x, residual)
+    if norm is not None:
+        x = mx.fast.rms_norm(x, norm[0], norm[1])
+    y = mx.quantized_matmul(x, w, scales, biases, group_size=group_size, bits=4)
+    return apply_epilogue(y, epilogue, residual)
 
 
 def interleave_gate_up(gate: mx.array, up: mx.array) -> mx.array:
@@ -889,36 +992,62 @@ class AcceleratedQuantizedLinear(nn.QuantizedLinear):
             y = y + self["bias"]
         return y
 
+    def _norm_args(self, x: mx.array, norm: nn.Module | None) -> tuple[mx.array, float] | None:
+        """An RMSNorm's (weight, eps) if the kernel can fold it into this call, else None."""
+        if norm is None or type(norm) is not nn.RMSNorm or not _epilogues_enabled:
+            return None
+        weight = norm["weight"]
+        if weight.dtype != x.dtype or x.size // x.shape[-1] > NORM_MAX_ROWS:
+            return None
+        return weight, float(norm.eps)
+
     def add_to(self, x: mx.array, residual: mx.array) -> mx.array:
-        """``residual + self(x)``; on the fused kernel the add happens as it stores."""
+        """``residual + self(x)``; on the fused kernel the add happens as it stores. ``x`` may
+        hold the rows in another shape (attention's (B, heads, 1, D)): the kernel reads it as
+        it is, any other path gets it reshaped."""
+        rows = _rows_like(x, residual)
         if "bias" in self or not _epilogues_enabled:
-            return residual + self(x)
-        path, flatten = _path(self, x)
+            return residual + self(rows)
+        path, flatten = _path(self, rows)
         if (
             path == "fused"
             and residual.dtype == x.dtype
-            and residual.shape == (*x.shape[:-1], self["weight"].shape[0])
+            and residual.shape == (*rows.shape[:-1], self["weight"].shape[0])
         ):
             w, scales, biases = self["weight"], self["scales"], self["biases"]
             return fused_quantized_matmul(
                 x, w, scales, biases, self.group_size, epilogue="residual", residual=residual
             )
-        return residual + _quantized_matmul(self, x, path, flatten)
+        return residual + _quantized_matmul(self, rows, path, flatten)
 
-    def swiglu(self, x: mx.array) -> mx.array:
-        """silu(gate) * up of an interleaved gate/up layer: on the fused kernel as it stores, up
-        to 64 rows, one row included (there one node instead of three outweighs the fused call's
-        host cost); else after the matmul."""
-        if "bias" in self:
-            return apply_epilogue(self(x), "swiglu")
+    def normed(self, x: mx.array, norm: nn.Module) -> mx.array:
+        """``self(norm(x))``; on the fused kernel up to 8 rows, an RMSNorm is folded in."""
+        path, _ = _path(self, x)
+        args = self._norm_args(x, norm) if path == "fused" and "bias" not in self else None
+        if args is None:
+            return self(norm(x))
+        w, scales, biases = self["weight"], self["scales"], self["biases"]
+        return fused_quantized_matmul(x, w, scales, biases, self.group_size, norm=args)
+
+    def swiglu(self, x: mx.array, norm: nn.Module | None = None) -> mx.array:
+        """silu(gate) * up of an interleaved gate/up layer, of ``norm(x)`` if a norm is given:
+        on the fused kernel as it stores, up to 64 rows, one row included (there one node
+        instead of three outweighs the fused call's host cost); else after the matmul."""
         path, flatten = _path(self, x)
         one_row = x.size == x.shape[-1]
         if path == "stock" and one_row and self.force_path is None and self._fast and _on_gpu():
             path = "fused" if x.dtype == self["scales"].dtype else path
-        if path == "fused" and _epilogues_enabled:
+        if path == "fused" and _epilogues_enabled and "bias" not in self:
+            args = self._norm_args(x, norm)
+            if args is None and norm is not None:
+                x = norm(x)
             w, scales, biases = self["weight"], self["scales"], self["biases"]
-            return fused_quantized_matmul(x, w, scales, biases, self.group_size, epilogue="swiglu")
-        return apply_epilogue(_quantized_matmul(self, x, path, flatten), "swiglu")
+            return fused_quantized_matmul(
+                x, w, scales, biases, self.group_size, epilogue="swiglu", norm=args
+            )
+        x = x if norm is None else norm(x)
+        y = self(x) if "bias" in self else _quantized_matmul(self, x, path, flatten)
+        return apply_epilogue(y, "swiglu")
 
 
 class AcceleratedQuantizedEmbedding(nn.QuantizedEmbedding):
@@ -989,17 +1118,32 @@ def accelerate_quantized_layers(model: nn.Module, force: bool = False) -> int:
     return len(swaps)
 
 
+def _rows_like(x: mx.array, residual: mx.array) -> mx.array:
+    """``x`` as (..., K) rows matching ``residual``'s leading dimensions."""
+    return x if x.shape[:-1] == residual.shape[:-1] else x.reshape(*residual.shape[:-1], -1)
+
+
 def residual_linear(layer: nn.Module, x: mx.array, residual: mx.array) -> mx.array:
-    """``residual + layer(x)``: one fused-kernel node where ``layer`` is accelerated."""
+    """``residual + layer(x)``: one fused-kernel node where ``layer`` is accelerated. ``x`` may
+    hold the rows in another shape, e.g. attention's (B, heads, 1, D) for (B, 1, heads x D)."""
     add_to = getattr(layer, "add_to", None)
-    return add_to(x, residual) if add_to is not None else residual + layer(x)
+    return add_to(x, residual) if add_to is not None else residual + layer(_rows_like(x, residual))
 
 
-def swiglu_linear(layer: nn.Module, x: mx.array) -> mx.array:
-    """silu(gate) * up from a fused gate/up layer: interleaved rows (``gate_up_interleaved``),
-    else the two halves concatenated (kernels/fused_projections.py)."""
-    if not getattr(layer, "gate_up_interleaved", False):
-        gate, up = mx.split(layer(x), 2, axis=-1)
-        return nn.silu(gate) * up
-    swiglu = getattr(layer, "swiglu", None)
-    return swiglu(x) if swiglu is not None else apply_epilogue(layer(x), "swiglu")
+def norm_linear(layer: nn.Module, x: mx.array, norm: nn.Module) -> mx.array:
+    """``layer(norm(x))``: one fused-kernel node where the kernel can fold the norm in."""
+    normed = getattr(layer, "normed", None)
+    return normed(x, norm) if normed is not None else layer(norm(x))
+
+
+def swiglu_linear(layer: nn.Module, x: mx.array, norm: nn.Module | None = None) -> mx.array:
+    """silu(gate) * up from a fused gate/up layer, of ``norm(x)`` if a norm is given:
+    interleaved rows (``gate_up_interleaved``), else the two halves concatenated
+    (kernels/fused_projections.py)."""
+    if getattr(layer, "gate_up_interleaved", False):
+        swiglu = getattr(layer, "swiglu", None)
+        if swiglu is not None:
+            return swiglu(x, norm)
+        return apply_epilogue(layer(x if norm is None else norm(x)), "swiglu")
+    gate, up = mx.split(layer(x if norm is None else norm(x)), 2, axis=-1)
+    return nn.silu(gate) * up
