@@ -542,19 +542,22 @@ def part_head_rope(
     set_one_row_fused(False)
 
 
-def set_epilogues(model: Any, on: bool) -> None:
+def set_epilogues(model: Any, on: bool, norm_rows: int = 0) -> None:
     """Fused epilogues on or off, with gate/up rows interleaved or concatenated to match (as
-    `fuse_projections` lays them out at load under each setting); compiled blocks retraced."""
+    `fuse_projections` lays them out at load under each setting), norms folded in up to
+    `norm_rows` rows; compiled blocks retraced."""
     import mlx.core as mx
 
     from mlx_llm_server.kernels.compiled_decode import CompiledDecodeBlock
     from mlx_llm_server.kernels.quantized_linear import (
         GATE_UP_RUN,
         interleave_gate_up,
+        set_folded_norm_rows,
         set_fused_epilogues,
     )
 
     set_fused_epilogues(on)
+    set_folded_norm_rows(norm_rows)
     for block in model.model.layers:
         block = block.block if isinstance(block, CompiledDecodeBlock) else block
         layer = block.mlp.gate_up_proj
@@ -645,9 +648,13 @@ def part_epilogues(
         print(f"| {name} | {span} | {same:.2e} | {stock:.2e} |", flush=True)
     set_one_row_fused(True)
     set_decode_kernel(model, True)
-    settings = {"separate operations": False, "fused epilogues": True}
-    for name, on in settings.items():
-        set_epilogues(model, on)
+    settings = {
+        "separate operations": (False, 0),
+        "fused epilogues": (True, 0),
+        "fused epilogues, folded norms": (True, NORM_MAX_ROWS),
+    }
+    for name, setting in settings.items():
+        set_epilogues(model, *setting)
         cache = plain_caches(args, 1, length, 4)
         print(f"| graph nodes, one row, {name} | {graph_nodes(model, cache, 1)} |", flush=True)
         del cache
@@ -660,7 +667,7 @@ def part_epilogues(
             length,
             steps,
             repeats,
-            {n: lambda on=on: set_epilogues(model, on) for n, on in settings.items()},
+            {n: lambda s=s: set_epilogues(model, *s) for n, s in settings.items()},
         )
         print(f"| {count} | " + " | ".join(cells[n] for n in settings) + " |", flush=True)
     set_epilogues(model, True)

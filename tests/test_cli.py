@@ -37,6 +37,8 @@ def test_defaults_are_the_specified_ones() -> None:
     assert args.staged_matmul_rows == 65  # the staged kernel off
     assert args.fused_head_rope and args.fused_epilogues  # both NVIDIA-only, on by default
     assert not build_parser().parse_args(["--no-fused-epilogues"]).fused_epilogues
+    assert args.folded_norm_rows == 0  # measured slower over HTTP at one row
+    assert build_parser().parse_args(["--folded-norm-rows", "8"]).folded_norm_rows == 8
 
 
 def test_compiled_decode_rows_default_by_device() -> None:

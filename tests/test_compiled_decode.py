@@ -181,7 +181,7 @@ def test_fused_epilogues_decode_bit_for_bit(
 ) -> None:
     """As on an NVIDIA GPU: a 4-bit model's gate/up rows are interleaved at load, and compiled
     blocks hand o_proj and down_proj their residual and gate_up_proj its SwiGLU, for the fused
-    kernel to do as it stores. The kernel's MLX reference (`apply_epilogue` on the stock matmul)
+    kernel to do as it stores (and, turned on here, the norms before q/k/v and gate/up). The kernel's MLX reference (`apply_epilogue` on the stock matmul)
     stands in for the CUDA kernel, which bench/gpu_step_anatomy.py part 10 checks on the device;
     decoding stays exact against the plain quantized model, alone and in a padded batch."""
     import mlx.nn as nn
@@ -197,6 +197,7 @@ def test_fused_epilogues_decode_bit_for_bit(
     monkeypatch.setattr(ql, "_cuda_build", lambda: True)
     monkeypatch.setattr(ql, "_on_gpu", lambda: True)
     monkeypatch.setattr(ql, "fused_quantized_matmul", stand_in)
+    monkeypatch.setattr(ql, "_folded_norm_rows", 8)  # off by default; on here to check it
     # The fused kernel's sizes: every K (hidden, heads x head_dim, intermediate) a multiple of 256.
     folder = build_tiny_qwen3(
         tmp_path / "kernel-sized",

@@ -337,9 +337,17 @@ def test_epilogues_on_a_cuda_device(monkeypatch: pytest.MonkeyPatch) -> None:
     heads = x.reshape(4, 2, 1, 128)
     assert mx.array_equal(ql.residual_linear(down, heads, h), h + gate(x)).item()
     assert calls[-1] == ("residual", (4, 2, 1, 128))
-    # An RMSNorm before the matmul is folded in up to 8 rows; more rows apply it first.
+    # An RMSNorm before the matmul: applied first by default; folded in, when turned on, up to
+    # the rows asked for (at most 8).
     norm = nn.RMSNorm(256)
     norm.set_dtype(mx.bfloat16)
+    xs = mx.random.normal((4, 1, 256)).astype(mx.bfloat16)
+    assert mx.array_equal(ql.norm_linear(down, xs, norm), gate(norm(xs))).item()
+    assert calls[-1] == ("none", (4, 1, 256))
+    with pytest.raises(ValueError):
+        ql.set_folded_norm_rows(9)
+    monkeypatch.setattr(ql, "_folded_norm_rows", 0)  # restored after the test
+    ql.set_folded_norm_rows(8)
     for rows, kind in ((4, "none+norm"), (9, "none")):
         xs = mx.random.normal((rows, 1, 256)).astype(mx.bfloat16)
         assert mx.array_equal(ql.norm_linear(down, xs, norm), gate(norm(xs))).item()

@@ -17,7 +17,7 @@ import uvicorn
 
 from .api import AppState, create_app
 from .engine.engine import Engine, EngineConfig, EngineModel
-from .kernels.quantized_linear import STAGED_MIN_ROWS
+from .kernels.quantized_linear import NORM_MAX_ROWS, STAGED_MIN_ROWS
 from .metrics import ServerMetrics
 from .models.loader import LoadedModel, ModelLoadError, load, resolve_model_path
 from .models.registry import model_registry
@@ -170,6 +170,16 @@ def build_parser() -> argparse.ArgumentParser:
         default=True,
         help="on NVIDIA GPUs, the fused 4-bit kernel adds residuals and computes the SwiGLU as "
         "it stores (default: on)",
+    )
+    parser.add_argument(
+        "--folded-norm-rows",
+        type=int,
+        default=0,
+        choices=range(NORM_MAX_ROWS + 1),
+        metavar="ROWS",
+        help="on NVIDIA GPUs, in compiled decode steps of up to ROWS rows (at most "
+        f"{NORM_MAX_ROWS}) the fused 4-bit kernel also applies the RMSNorm before q/k/v and "
+        "gate/up (default: 0, never)",
     )
     parser.add_argument(
         "--staged-matmul-rows",
@@ -362,6 +372,7 @@ def model_starter(
             from .kernels.quantized_linear import (
                 accelerate_quantized_layers,
                 cuda_gpu_is_default,
+                set_folded_norm_rows,
                 set_fused_epilogues,
                 set_one_row_fused,
                 set_staged_min_rows,
@@ -379,6 +390,7 @@ def model_starter(
             # One matmul for q/k/v and one for gate/up on NVIDIA GPUs (models that offer it:
             # Qwen3), gate/up rows laid out for the SwiGLU epilogue where it is on.
             set_fused_epilogues(args.fused_epilogues)
+            set_folded_norm_rows(args.folded_norm_rows)
             if fuse_projections(model.model):
                 logger.info("%s: q/k/v and gate/up projections fused", spec.model_id)
             # Faster batched 4-bit matmuls on NVIDIA GPUs; a no-op elsewhere.

@@ -46,6 +46,7 @@ __all__ = [
     "norm_linear",
     "reference_fused_matmul",
     "residual_linear",
+    "set_folded_norm_rows",
     "set_fused_epilogues",
     "set_staged_min_rows",
     "split_gate_up",
@@ -342,34 +343,47 @@ EPILOGUES = tuple(_STORES)
 GATE_UP_RUN = 8  # the "swiglu" epilogue's run length: half the kernel's 16-row weight tile
 
 # An RMSNorm folded into the unstaged kernel's activation loads (`norm`), for blocks of up to 8
-# rows (MT 1): each block first sums the squares of its rows' whole K (cheap at a few rows, an
-# extra read of the activations per 16 output features at many), then scales every activation
+# rows (MT 1): each block first sums the squares of its rows' whole K, all rows in one pass
+# (cheap at a few rows, an extra read of the activations per 16 output features at many),
+# then scales every activation
 # it loads as MLX's RMSNorm does: w * T(x / rms), rounded to T.
 NORM_MAX_ROWS = 8
+# Off by default: on an H200 one-row steps were 5.0-5.1 ms over HTTP with it against 3.9-4.1
+# without any epilogue (two pairs, one machine; bench/NOTES.md, "H200: fused epilogues").
+_folded_norm_rows = 0
 _NORM_SNIPPETS = {
     "/*NORM_SETUP*/": r"""
-  __shared__ float qlx_part[KW];
+  __shared__ float qlx_part[KW * COLS];
   __shared__ float qlx_inv[COLS];
-  for (int r = 0; r < COLS && m0 + r < M; ++r) {
-    const uint4* row = xv + (size_t)(m0 + r) * (K / 8);
-    float ss = 0.0f;
-    for (int q = threadIdx.x; q < K / 8; q += 32 * KW) {
-      uint4 v = row[q];
-      const T* e = reinterpret_cast<const T*>(&v);
+  {
+    float ss[COLS];
 #pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        const float f = static_cast<float>(e[i]);
-        ss += f * f;
+    for (int r = 0; r < COLS; ++r) ss[r] = 0.0f;
+    for (int q = threadIdx.x; q < K / 8; q += 32 * KW) {
+#pragma unroll
+      for (int r = 0; r < COLS; ++r) {
+        if (m0 + r < M) {
+          uint4 v = xv[(size_t)(m0 + r) * (K / 8) + q];
+          const T* e = reinterpret_cast<const T*>(&v);
+#pragma unroll
+          for (int i = 0; i < 8; ++i) {
+            const float f = static_cast<float>(e[i]);
+            ss[r] += f * f;
+          }
+        }
       }
     }
 #pragma unroll
-    for (int off = 16; off > 0; off >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, off);
-    if (lane == 0) qlx_part[warp] = ss;
+    for (int r = 0; r < COLS; ++r) {
+#pragma unroll
+      for (int off = 16; off > 0; off >>= 1) ss[r] += __shfl_xor_sync(0xffffffffu, ss[r], off);
+      if (lane == 0) qlx_part[warp * COLS + r] = ss[r];
+    }
     __syncthreads();
-    if (threadIdx.x == 0) {
+    if (threadIdx.x < COLS) {
       float total = 0.0f;
-      for (int k = 0; k < KW; ++k) total += qlx_part[k];
-      qlx_inv[r] = rsqrt(total / K + EPS);
+      for (int k = 0; k < KW; ++k) total += qlx_part[k * COLS + threadIdx.x];
+      qlx_inv[threadIdx.x] = rsqrt(total / K + EPS);
     }
     __syncthreads();
   }
@@ -609,15 +623,26 @@ def _shared_bytes(cfg: FusedConfig) -> int:
 
 
 @cache
-def _kernel(cfg: FusedConfig, group_size: int, dtype: mx.Dtype, epilogue: str = "none") -> object:
-    header, source = kernel_source(cfg, group_size, dtype, epilogue)
+def _kernel(
+    cfg: FusedConfig,
+    group_size: int,
+    dtype: mx.Dtype,
+    epilogue: str = "none",
+    norm_eps: float | None = None,
+) -> object:
+    header, source = kernel_source(cfg, group_size, dtype, epilogue, norm_eps)
     tag = "bf16" if dtype == mx.bfloat16 else "f16"
     if epilogue != "none":
         tag += f"_{epilogue}"
+    inputs = ["x", "w", "scales", "biases"]
+    if norm_eps is not None:
+        tag += f"_norm{abs(hash(norm_eps)) % 10**8}"
+        inputs.append("norm_weight")
+    if epilogue == "residual":
+        inputs.append("residual")
     return mx.fast.cuda_kernel(
         name=f"qlx_qmm4_m{cfg.mt}_r{cfg.rt}_k{cfg.kw}_n{cfg.nw}_g{group_size}_{tag}",
-        input_names=["x", "w", "scales", "biases"]
-        + (["residual"] if epilogue == "residual" else []),
+        input_names=inputs,
         output_names=["y"],
         source=source,
         header=header,
@@ -954,6 +979,15 @@ def set_fused_epilogues(enabled: bool) -> None:
     _epilogues_enabled = enabled
 
 
+def set_folded_norm_rows(rows: int) -> None:
+    """Calls of up to ``rows`` rows (at most ``NORM_MAX_ROWS``; 0: none) fold the RMSNorm
+    before them into the fused kernel (`norm_linear`, `swiglu_linear` with a norm)."""
+    global _folded_norm_rows
+    if not 0 <= rows <= NORM_MAX_ROWS:
+        raise ValueError(f"folded norms take 0-{NORM_MAX_ROWS} rows, not {rows}")
+    _folded_norm_rows = rows
+
+
 def fused_epilogues_apply(layer: nn.Module) -> bool:
     """Whether calls of ``layer`` (a quantized linear layer) can take the fused epilogues."""
     return (
@@ -997,7 +1031,7 @@ class AcceleratedQuantizedLinear(nn.QuantizedLinear):
         if norm is None or type(norm) is not nn.RMSNorm or not _epilogues_enabled:
             return None
         weight = norm["weight"]
-        if weight.dtype != x.dtype or x.size // x.shape[-1] > NORM_MAX_ROWS:
+        if weight.dtype != x.dtype or x.size // x.shape[-1] > _folded_norm_rows:
             return None
         return weight, float(norm.eps)
 
@@ -1021,7 +1055,8 @@ class AcceleratedQuantizedLinear(nn.QuantizedLinear):
         return residual + _quantized_matmul(self, rows, path, flatten)
 
     def normed(self, x: mx.array, norm: nn.Module) -> mx.array:
-        """``self(norm(x))``; on the fused kernel up to 8 rows, an RMSNorm is folded in."""
+        """``self(norm(x))``; on the fused kernel, up to ``set_folded_norm_rows`` rows, an
+        RMSNorm is folded in."""
         path, _ = _path(self, x)
         args = self._norm_args(x, norm) if path == "fused" and "bias" not in self else None
         if args is None:
