@@ -479,6 +479,28 @@ def graph_nodes(model: Any, cache: list[Any], rows: int) -> str:
     return f"{sum(kinds.values())} ({common})"
 
 
+def settings_table(
+    model: Any,
+    args: Any,
+    rows: list[int],
+    length: int,
+    steps: int,
+    repeats: int,
+    settings: dict[str, Callable[[], None]],
+) -> None:
+    """For each setting (applied by its callable) the graph's node count at one row, then a
+    table of steps at each row count, the settings alternating (`alternating_steps`)."""
+    for name, apply in settings.items():
+        apply()
+        cache = plain_caches(args, 1, length, 4)
+        print(f"| graph nodes, one row, {name} | {graph_nodes(model, cache, 1)} |", flush=True)
+        del cache
+    print("\n| rows | " + " | ".join(settings) + " |\n|---:|" + "---:|" * len(settings))
+    for count in rows:
+        cells = alternating_steps(model, args, count, length, steps, repeats, settings)
+        print(f"| {count} | " + " | ".join(cells[n] for n in settings) + " |", flush=True)
+
+
 def part_head_rope(
     model: Any, args: Any, rows: list[int], length: int, steps: int, repeats: int
 ) -> None:
@@ -518,26 +540,18 @@ def part_head_rope(
     set_one_row_fused(True)
     set_decode_kernel(model, True)
     settings = {"compiled blocks": False, "compiled blocks, fused heads": True}
-    for name, on in settings.items():
-        set_compiled_blocks(model, True, head_rope=on)
-        cache = plain_caches(args, 1, length, 4)
-        print(f"| graph nodes, one row, {name} | {graph_nodes(model, cache, 1)} |", flush=True)
-        del cache
-    print("\n| rows | " + " | ".join(settings) + " |\n|---:|" + "---:|" * len(settings))
-    for count in rows:
-        cells = alternating_steps(
-            model,
-            args,
-            count,
-            length,
-            steps,
-            repeats,
-            {
-                n: lambda on=on: set_compiled_blocks(model, True, head_rope=on)
-                for n, on in settings.items()
-            },
-        )
-        print(f"| {count} | " + " | ".join(cells[n] for n in settings) + " |", flush=True)
+    settings_table(
+        model,
+        args,
+        rows,
+        length,
+        steps,
+        repeats,
+        {
+            n: lambda on=on: set_compiled_blocks(model, True, head_rope=on)
+            for n, on in settings.items()
+        },
+    )
     set_compiled_blocks(model, False)
     set_one_row_fused(False)
 
@@ -653,23 +667,15 @@ def part_epilogues(
         "fused epilogues": (True, 0),
         "fused epilogues, folded norms": (True, NORM_MAX_ROWS),
     }
-    for name, setting in settings.items():
-        set_epilogues(model, *setting)
-        cache = plain_caches(args, 1, length, 4)
-        print(f"| graph nodes, one row, {name} | {graph_nodes(model, cache, 1)} |", flush=True)
-        del cache
-    print("\n| rows | " + " | ".join(settings) + " |\n|---:|" + "---:|" * len(settings))
-    for count in rows:
-        cells = alternating_steps(
-            model,
-            args,
-            count,
-            length,
-            steps,
-            repeats,
-            {n: lambda s=s: set_epilogues(model, *s) for n, s in settings.items()},
-        )
-        print(f"| {count} | " + " | ".join(cells[n] for n in settings) + " |", flush=True)
+    settings_table(
+        model,
+        args,
+        rows,
+        length,
+        steps,
+        repeats,
+        {n: lambda s=s: set_epilogues(model, *s) for n, s in settings.items()},
+    )
     set_epilogues(model, True)
     set_compiled_blocks(model, False)
     set_one_row_fused(False)

@@ -287,21 +287,7 @@ _SOURCE = r"""
 # stores silu(gate) * up (N / 2 features): one node instead of three (matmul, split, product).
 # Both round as MLX does: the matmul's output to T first, then each operation in T (MLX's
 # sigmoid is 1 / (1 + exp|x|), mirrored for x >= 0).
-_STORES = {
-    "none": r"""
-  for (int idx = threadIdx.x; idx < ROWS * COLS; idx += 32 * KW) {
-    const int mm = idx / ROWS;
-    const int nn = idx - mm * ROWS;
-    if (m0 + mm >= M) {
-      break;
-    }
-    float s = 0.0f;
-#pragma unroll
-    for (int k = 0; k < KW; ++k) s += qlx_red[k * (COLS * LD) + mm * LD + nn];
-    y[(size_t)(m0 + mm) * N + n0 + nn] = static_cast<T>(s);
-  }
-""",
-    "residual": r"""
+_STORE_LOOP = r"""
   for (int idx = threadIdx.x; idx < ROWS * COLS; idx += 32 * KW) {
     const int mm = idx / ROWS;
     const int nn = idx - mm * ROWS;
@@ -312,9 +298,12 @@ _STORES = {
 #pragma unroll
     for (int k = 0; k < KW; ++k) s += qlx_red[k * (COLS * LD) + mm * LD + nn];
     const size_t o = (size_t)(m0 + mm) * N + n0 + nn;
-    y[o] = static_cast<T>(s) + residual[o];
+    y[o] = STORED;
   }
-""",
+"""
+_STORES = {
+    "none": _STORE_LOOP.replace("STORED", "static_cast<T>(s)"),
+    "residual": _STORE_LOOP.replace("STORED", "static_cast<T>(s) + residual[o]"),
     "swiglu": r"""
   constexpr int OUTS = ROWS / 2;
   for (int idx = threadIdx.x; idx < OUTS * COLS; idx += 32 * KW) {
