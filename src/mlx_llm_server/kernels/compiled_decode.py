@@ -58,7 +58,7 @@ class CompiledDecodeBlock(nn.Module):
             batch, length, _ = x.shape
             norm = block.input_layernorm
             if "qkv_proj" in attention:  # fused q/k/v (kernels/fused_projections.py)
-                # On NVIDIA GPUs, up to 8 rows, the 4-bit kernel applies the norm as it loads.
+                # With folded norms on (`--folded-norm-rows`), the 4-bit kernel applies it.
                 qkv = norm_linear(attention.qkv_proj, x, norm)
                 if fused_heads is not None and fused_heads.supports(qkv):
                     return fused_heads(qkv, offset)
@@ -74,8 +74,8 @@ class CompiledDecodeBlock(nn.Module):
             # (B, heads, 1, D) holds (B, 1, heads x D) row for row: o_proj takes it as it is.
             if length != 1:
                 attended = attended.transpose(0, 2, 1, 3).reshape(batch, length, -1)
-            # On NVIDIA GPUs the fused 4-bit kernel adds the residuals, computes the SwiGLU and
-            # (up to 8 rows) the norm before it (kernels/quantized_linear.py).
+            # On NVIDIA GPUs the fused 4-bit kernel adds the residuals and computes the SwiGLU
+            # (with folded norms on, the norm before it too; kernels/quantized_linear.py).
             h = residual_linear(attention.o_proj, attended, x)
             norm = block.post_attention_layernorm
             if "gate_up_proj" in mlp and "down_proj" in mlp:

@@ -333,12 +333,12 @@ GATE_UP_RUN = 8  # the "swiglu" epilogue's run length: half the kernel's 16-row 
 
 # An RMSNorm folded into the unstaged kernel's activation loads (`norm`), for blocks of up to 8
 # rows (MT 1): each block first sums the squares of its rows' whole K, all rows in one pass
-# (cheap at a few rows, an extra read of the activations per 16 output features at many),
-# then scales every activation
-# it loads as MLX's RMSNorm does: w * T(x / rms), rounded to T.
+# (cheap at a few rows, an extra read of the activations per 16 output features at many), then
+# scales every activation it loads as MLX's RMSNorm does: w * T(x / rms), rounded to T.
 NORM_MAX_ROWS = 8
 # Off by default: on an H200 one-row steps were 5.0-5.1 ms over HTTP with it against 3.9-4.1
-# without any epilogue (two pairs, one machine; bench/NOTES.md, "H200: fused epilogues").
+# without any epilogue (two pairs, one machine; bench/NOTES.md, "H200: the fused kernel's
+# epilogues").
 _folded_norm_rows = 0
 _NORM_SNIPPETS = {
     "/*NORM_SETUP*/": r"""
