@@ -21,7 +21,7 @@ from functools import cache
 import mlx.core as mx
 import mlx.nn as nn
 
-from .quantized_linear import cuda_gpu_is_default
+from .quantized_linear import cuda_gpu_is_default, kernel_name
 
 __all__ = [
     "batch_decode_attention",
@@ -147,11 +147,13 @@ def _kernel(head_dim: int, group: int, scale: float, dtype: mx.Dtype) -> object:
         f"constexpr float SCALE_LOG2 = {scale * math.log2(math.e)!r}f;\n"
     )
     tag = "bf16" if bf16 else "f16"
+    source = consts + _minify(_SOURCE)
     return mx.fast.cuda_kernel(
-        name=f"batch_decode_attention_d{head_dim}_g{group}_{tag}_{abs(hash(scale)) % 10**8}",
+        # The digest covers the scale.
+        name=kernel_name(f"batch_decode_attention_d{head_dim}_g{group}_{tag}", _HEADER, source),
         input_names=["q", "k", "v", "left_padding"],
         output_names=["out"],
-        source=consts + _minify(_SOURCE),
+        source=source,
         header=_HEADER,
         ensure_row_contiguous=False,
     )

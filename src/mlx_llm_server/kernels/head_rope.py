@@ -23,7 +23,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from .quantized_linear import cuda_gpu_is_default
+from .quantized_linear import cuda_gpu_is_default, kernel_name
 
 __all__ = ["HeadRope", "head_rope_for", "norm_and_rope", "reference_head_rope", "split_heads"]
 
@@ -106,13 +106,13 @@ def _kernel(
         f"constexpr float LOG2_BASE = {math.log2(base)!r}f;\n"
     )
     key = f"{heads}_{kv_heads}_{head_dim}_{int(qk_norm)}_{int(per_row)}_{'bf16' if bf16 else 'f16'}"
-    tag = abs(hash((eps, base, scale))) % 10**8
     inputs = ["qkv", "offset"] + (["q_weight", "k_weight"] if qk_norm else [])
+    source = consts + _SOURCE
     return mx.fast.cuda_kernel(
-        name=f"head_rope_{key}_{tag}",
+        name=kernel_name(f"head_rope_{key}", source),  # the digest covers eps, base and scale
         input_names=inputs,
         output_names=["q_out", "k_out", "v_out"],
-        source=consts + _SOURCE,
+        source=source,
     )
 
 

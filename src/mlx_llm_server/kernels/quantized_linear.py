@@ -16,6 +16,7 @@ The parameters stay exactly as MLX stores them (affine, 4 bits, ``weight``/``sca
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from functools import cache
 from typing import Any, TypeVar
@@ -41,6 +42,7 @@ __all__ = [
     "fused_quantized_matmul",
     "fused_supported",
     "interleave_gate_up",
+    "kernel_name",
     "kernel_source",
     "launch_shape",
     "norm_linear",
@@ -555,6 +557,14 @@ _STAGED_SOURCE = r"""
 """
 
 
+def kernel_name(stem: str, *sources: str) -> str:
+    """A JIT kernel's name: ``stem`` and a digest of its source. MLX keeps compiled PTX on disk
+    under the name alone, so a name that did not change with the source would hand a newer
+    version of this code the older kernel."""
+    digest = hashlib.sha1("\0".join(sources).encode()).hexdigest()[:12]
+    return f"{stem}_{digest}"
+
+
 def _minify(code: str) -> str:
     """Drop comments and indentation: MLX copies the whole source into every call's graph node."""
     lines = []
@@ -625,12 +635,13 @@ def _kernel(
         tag += f"_{epilogue}"
     inputs = ["x", "w", "scales", "biases"]
     if norm_eps is not None:
-        tag += f"_norm{abs(hash(norm_eps)) % 10**8}"
+        tag += "_norm"
         inputs.append("norm_weight")
     if epilogue == "residual":
         inputs.append("residual")
+    stem = f"qlx_qmm4_m{cfg.mt}_r{cfg.rt}_k{cfg.kw}_n{cfg.nw}_g{group_size}_{tag}"
     return mx.fast.cuda_kernel(
-        name=f"qlx_qmm4_m{cfg.mt}_r{cfg.rt}_k{cfg.kw}_n{cfg.nw}_g{group_size}_{tag}",
+        name=kernel_name(stem, header, source),
         input_names=inputs,
         output_names=["y"],
         source=source,
@@ -1024,6 +1035,11 @@ class AcceleratedQuantizedLinear(nn.QuantizedLinear):
             return None
         return weight, float(norm.eps)
 
+    def _fused(self, x: mx.array, **options: Any) -> mx.array:
+        """This layer's weights through `fused_quantized_matmul`, with its ``options``."""
+        w, scales, biases = self["weight"], self["scales"], self["biases"]
+        return fused_quantized_matmul(x, w, scales, biases, self.group_size, **options)
+
     def add_to(self, x: mx.array, residual: mx.array) -> mx.array:
         """``residual + self(x)``; on the fused kernel the add happens as it stores. ``x`` may
         hold the rows in another shape (attention's (B, heads, 1, D)): the kernel reads it as
@@ -1037,10 +1053,7 @@ class AcceleratedQuantizedLinear(nn.QuantizedLinear):
             and residual.dtype == x.dtype
             and residual.shape == (*rows.shape[:-1], self["weight"].shape[0])
         ):
-            w, scales, biases = self["weight"], self["scales"], self["biases"]
-            return fused_quantized_matmul(
-                x, w, scales, biases, self.group_size, epilogue="residual", residual=residual
-            )
+            return self._fused(x, epilogue="residual", residual=residual)
         return residual + _quantized_matmul(self, rows, path, flatten)
 
     def normed(self, x: mx.array, norm: nn.Module) -> mx.array:
@@ -1050,8 +1063,7 @@ class AcceleratedQuantizedLinear(nn.QuantizedLinear):
         args = self._norm_args(x, norm) if path == "fused" and "bias" not in self else None
         if args is None:
             return self(norm(x))
-        w, scales, biases = self["weight"], self["scales"], self["biases"]
-        return fused_quantized_matmul(x, w, scales, biases, self.group_size, norm=args)
+        return self._fused(x, norm=args)
 
     def swiglu(self, x: mx.array, norm: nn.Module | None = None) -> mx.array:
         """silu(gate) * up of an interleaved gate/up layer, of ``norm(x)`` if a norm is given:
@@ -1065,10 +1077,7 @@ class AcceleratedQuantizedLinear(nn.QuantizedLinear):
             args = self._norm_args(x, norm)
             if args is None and norm is not None:
                 x = norm(x)
-            w, scales, biases = self["weight"], self["scales"], self["biases"]
-            return fused_quantized_matmul(
-                x, w, scales, biases, self.group_size, epilogue="swiglu", norm=args
-            )
+            return self._fused(x, epilogue="swiglu", norm=args)
         x = x if norm is None else norm(x)
         y = self(x) if "bias" in self else _quantized_matmul(self, x, path, flatten)
         return apply_epilogue(y, "swiglu")
