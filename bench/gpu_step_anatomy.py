@@ -37,6 +37,12 @@ Part 1 runs the batch cache twice: MLX's masked attention, then the decode-atten
    q/k/v and gate/up; `kernels/quantized_linear.py`): largest errors, graph nodes at one row,
    then steps with and without them as in part 8.
 
+11. Prefill of prompts arriving together, as the engine groups them (right-padded, one pass):
+   for each group shape (prompts x tokens), milliseconds for the body pass (KV cache evaluated,
+   no logits), the last-token pass with sampling, and joining a running batch; prompt tokens/s;
+   the body pass again with the quantized matmuls pinned to each path; and what the group's
+   matmuls alone take (dequantize + cuBLAS on every projection of every layer).
+
 `--parts` picks which (e.g. `1,5`).
 
     python bench/gpu_step_anatomy.py --rows 1,64 --lengths 16,256,640
@@ -45,6 +51,7 @@ Part 1 runs the batch cache twice: MLX's masked attention, then the decode-atten
 from __future__ import annotations
 
 import argparse
+import copy
 import itertools
 import os
 import re
@@ -681,6 +688,109 @@ def part_epilogues(
     set_one_row_fused(False)
 
 
+def timed_ms(action: Callable[[], Any], repeats: int = 3) -> float:
+    """Median ms of `action` from a synchronised device to its result evaluated."""
+    import mlx.core as mx
+
+    times = []
+    for _ in range(repeats):
+        mx.synchronize()
+        started = time.perf_counter()
+        mx.eval(action())
+        mx.synchronize()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times) * 1e3
+
+
+def part_prefill(model: Any, args: Any, groups: list[tuple[int, int]], running: int) -> None:
+    """Prefill of a group of prompts the way `Engine._prefill_group` runs it."""
+    import mlx.core as mx
+    from mlx_lm.models.cache import make_prompt_cache
+
+    from mlx_llm_server.engine.batch import merge_caches
+
+    print("\n## 11. Prefill of a group of prompts (ms; tokens/s of the body pass)\n", flush=True)
+    print(
+        "| prompts x tokens | body pass | prompt tokens/s | last token + sample | "
+        f"join a {running}-row batch | body, stock matmul | body, dequant + cuBLAS | "
+        "matmuls alone (dequant + cuBLAS) |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    layers = accelerated_layers(model)
+    vocab = args.vocab_size
+
+    def fresh(count: int) -> list[Any]:
+        return merge_caches([make_prompt_cache(model) for _ in range(count)])
+
+    def body(count: int, tokens: int) -> list[Any]:
+        cache = fresh(count)
+        for layer in cache:
+            layer.prepare(lengths=[tokens] * count, right_padding=[0] * count)
+        ids = mx.random.randint(0, vocab, (count, tokens)).astype(mx.uint32)
+        model(ids, cache=cache)
+        mx.eval([layer.state for layer in cache])
+        for layer in cache:
+            layer.finalize()
+        return cache
+
+    def matmuls_alone(rows: int) -> float:
+        from mlx_llm_server.kernels.quantized_linear import dequantize_matmul
+
+        shapes = {}
+        for name, layer in layers:
+            if "layers." in name:
+                shapes.setdefault(name.split(".")[-1], layer)
+        x = {
+            n: mx.random.normal((rows, s["weight"].shape[1] * 8)).astype(mx.bfloat16)
+            for n, s in shapes.items()
+        }
+        mx.eval(x)
+
+        def run() -> list[Any]:
+            out = []
+            for _ in range(args.num_hidden_layers):
+                for n, s in shapes.items():
+                    out.append(
+                        dequantize_matmul(x[n], s["weight"], s["scales"], s["biases"], s.group_size)
+                    )
+            return out
+
+        return timed_ms(run)
+
+    running_cache = batch_caches(args, running, 256, 16, padded=True)
+
+    def row(count: int, tokens: int) -> list[str]:
+        body_ms = timed_ms(lambda: [layer.state for layer in body(count, tokens)])
+        cells = [f"{count} x {tokens}", f"{body_ms:.1f}", f"{count * tokens / body_ms * 1e3:,.0f}"]
+        cache = body(count, tokens)
+        last = mx.zeros((count, 1), dtype=mx.uint32)
+        sampled = timed_ms(lambda: mx.argmax(model(last, cache=cache)[:, -1, :], axis=-1))
+        cells.append(f"{sampled:.1f}")
+
+        def join() -> list[Any]:
+            # As `DecodeBatch.add_batch` does; shallow copies keep the running batch as it was.
+            states = []
+            for target, theirs in zip(running_cache, body(count, tokens), strict=True):
+                joined = copy.copy(target)
+                joined.extend(theirs)
+                states.append(joined.state)
+            return states
+
+        cells.append(f"{timed_ms(join) - body_ms:.1f}")
+        for path in ("stock", "dequant"):
+            for _, layer in layers:
+                layer.force_path = path
+            cells.append(f"{timed_ms(lambda: [c.state for c in body(count, tokens)]):.1f}")
+        for _, layer in layers:
+            layer.force_path = None
+        cells.append(f"{matmuls_alone(count * tokens):.1f}")
+        return cells
+
+    for count, tokens in groups:
+        print("| " + " | ".join(row(count, tokens)) + " |", flush=True)
+        mx.clear_cache()
+
+
 def per_call_us(action: Callable[[], Any], calls: int = 40) -> float:
     import mlx.core as mx
 
@@ -816,6 +926,11 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--parts", default="6,1,2,3,4,5,7")
     parser.add_argument("--repeats", type=int, default=3, help="rounds of part 8")
+    parser.add_argument(
+        "--groups",
+        default="1x2048,15x136,30x136,60x136",
+        help="part 11: prompts x tokens of each prefill group",
+    )
     args = parser.parse_args()
     model, model_args = load_model(args.model, args.tokenizer_dir)
     rows = [int(r) for r in args.rows.split(",")]
@@ -841,6 +956,9 @@ def main() -> int:
         part_head_rope(model, model_args, rows, max(lengths), args.steps, args.repeats)
     if 10 in parts:
         part_epilogues(model, model_args, rows, max(lengths), args.steps, args.repeats)
+    if 11 in parts:
+        groups = [tuple(int(n) for n in g.split("x")) for g in args.groups.split(",")]
+        part_prefill(model, model_args, groups, max(rows))  # type: ignore[arg-type]
     return 0
 
 
