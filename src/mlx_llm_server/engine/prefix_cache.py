@@ -13,6 +13,13 @@ from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, trim_prom
 
 _MODEL_KEY = "model"
 
+# A cached prefix shorter than this is not reused. Different users' prompts share a chat
+# template's first few tokens; reusing those saves next to nothing, but mlx-lm copies the whole
+# stored entry that shares them (every layer's KV) and trims it: at 64 users arriving together
+# on an H200 that copying took ~0.35 s of the engine thread per round (bench/NOTES.md, "H200:
+# where a 64-stream round goes"). vLLM's prefix caching reuses whole 16-token blocks only.
+MIN_REUSED_TOKENS = 16
+
 
 class PrefixCache:
     def __init__(self, max_bytes: int, max_entries: int = 256) -> None:
@@ -35,6 +42,9 @@ class PrefixCache:
         """
         if not self.enabled or len(tokens) < 2:
             return None, 0
+        if self._reusable(tokens) < MIN_REUSED_TOKENS:
+            self.misses += 1
+            return None, 0
         cache, remaining = self._cache.fetch_nearest_cache(_MODEL_KEY, tokens)
         if cache is None:
             self.misses += 1
@@ -47,6 +57,17 @@ class PrefixCache:
             remaining = tokens[-1:]
         self.hits += 1
         return cache, len(tokens) - len(remaining)
+
+    def _reusable(self, tokens: list[int]) -> int:
+        """How many tokens `fetch_nearest_cache` would reuse, found without copying anything
+        (the same choice it makes: an exact entry, a longer one trimmed, or a shorter one)."""
+        found = self._cache._trie.search(_MODEL_KEY, tokens)
+        if found.exact is not None:
+            return len(tokens) - 1
+        shorter = len(found.shorter) if found.shorter is not None else 0
+        if found.longer is not None and found.common_prefix > shorter:
+            return min(len(tokens) - 1, found.common_prefix)
+        return shorter
 
     def store(self, tokens: list[int], cache: list[Any]) -> None:
         if self.enabled and tokens:
