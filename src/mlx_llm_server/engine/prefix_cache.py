@@ -15,9 +15,9 @@ _MODEL_KEY = "model"
 
 # A cached prefix shorter than this is not reused. Different users' prompts share a chat
 # template's first few tokens; reusing those saves next to nothing, but mlx-lm copies the whole
-# stored entry that shares them (every layer's KV) and trims it: at 64 users arriving together
-# on an H200 that copying took ~0.35 s of the engine thread per round (bench/NOTES.md, "H200:
-# where a 64-stream round goes"). vLLM's prefix caching reuses whole 16-token blocks only.
+# stored entry that shares them (every layer's KV) and trims it: with 64 users arriving
+# together on an H200, that fetch held the interpreter lock in 7% of a 5-s sample (bench/NOTES.md,
+# "H200: where a 64-stream round goes"). vLLM's prefix caching reuses whole 16-token blocks only.
 MIN_REUSED_TOKENS = 16
 
 
