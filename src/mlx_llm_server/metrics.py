@@ -58,6 +58,10 @@ class _EngineCollector(Collector):
                 "mlx_llm_engine_decode_seconds",
                 "Engine time in decode steps, waiting on the device included",
             ),
+            "decode_wait_seconds": (
+                "mlx_llm_engine_decode_wait_seconds",
+                "Of the decode time, the engine blocked on the device for sampled tokens",
+            ),
         }
         stats = self._source()
         for field, (name, help_text) in gauges.items():

@@ -15,6 +15,7 @@ when one row is left.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -172,6 +173,9 @@ class DecodeBatch:
         self.sampling: SamplingBatch | None = None
         self.pending: SampleOutput | None = None
         self.solo = False  # `cache` holds one sequence's own caches, not batch caches
+        # Seconds spent blocked on the device for sampled tokens: near zero means the host
+        # (graph building, MLX's encoding, the interpreter lock) sets the pace, not the device.
+        self.wait_seconds = 0.0
 
     def __len__(self) -> int:
         return len(self.sequences)
@@ -273,7 +277,9 @@ class DecodeBatch:
         return read if constrained else self._read(current)
 
     def _read(self, output: SampleOutput) -> list[ReadToken]:
+        started = time.perf_counter()
         tokens = output.tokens.tolist()
+        self.wait_seconds += time.perf_counter() - started
         want_logprobs = any(s.request.sampling.logprobs for s in self.sequences)
         logprobs = output.logprobs.tolist() if want_logprobs else [None] * len(tokens)
         tops: list[Any] = [None] * len(tokens)

@@ -91,3 +91,4 @@ class EngineStats:
     # Engine-thread seconds in prompt work and in decode steps (each waits on the device too).
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
+    decode_wait_seconds: float = 0.0  # of decode_seconds, blocked on the device for tokens
