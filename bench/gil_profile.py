@@ -3,9 +3,12 @@
 Starts this server on a model folder, drives N streaming clients (serve_bench's clients), and
 samples the server with `py-spy record --gil` (only the thread holding the GIL is sampled) while
 they stream. Prints, per thread, the share of samples in which it held the lock, and the
-functions it held it in. Needs `py-spy` on PATH and permission to trace the server.
+functions it held it in. With `--wall`, every thread is sampled whatever it is doing (`--idle`):
+where each thread's wall time goes, waiting for the lock or the device included; a function's
+share there minus its share under `--gil` is time its thread spent in it without the lock.
+Needs `py-spy` on PATH and permission to trace the server.
 
-    python bench/gil_profile.py --model /tmp/sb/model-qwen3-8b-4bit --clients 1,64
+    python bench/gil_profile.py --model /tmp/sb/model-qwen3-8b-4bit --clients 1,64 [--wall]
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from serve_bench import Server, free_port, run_round  # noqa: E402
 
 
-def summarize(raw: Path, top: int, expected: int) -> None:
+def summarize(raw: Path, top: int, expected: int, wall: bool = False) -> None:
     """py-spy's raw output: one `thread;frame;...;frame count` line per distinct stack."""
     per_thread: collections.Counter[str] = collections.Counter()
     frames: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
@@ -40,7 +43,8 @@ def summarize(raw: Path, top: int, expected: int) -> None:
             frames[thread][frame] += int(count)
     total = max(expected, 1)
     held = sum(per_thread.values())
-    print(f"  the lock was held in {100 * held / total:.1f}% of {expected} sampling instants")
+    if not wall:
+        print(f"  the lock was held in {100 * held / total:.1f}% of {expected} sampling instants")
     for thread, count in per_thread.most_common():
         print(f"  {thread}: {100 * count / total:.1f}%")
         # Frames on every stack of the thread (its entry points) say nothing: left out.
@@ -56,6 +60,7 @@ def main() -> int:
     parser.add_argument("--output-tokens", type=int, default=384)
     parser.add_argument("--seconds", type=int, default=5)
     parser.add_argument("--top", type=int, default=14)
+    parser.add_argument("--wall", action="store_true", help="every thread, not the lock's holder")
     args = parser.parse_args()
     log_dir = Path(tempfile.mkdtemp(prefix="gil-profile-"))
     python_path = os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))
@@ -90,7 +95,7 @@ def main() -> int:
             spy = [
                 "py-spy",
                 "record",
-                "--gil",
+                "--idle" if args.wall else "--gil",
                 "--threads",
                 "--rate",
                 "250",
@@ -108,7 +113,7 @@ def main() -> int:
             rate = result[0].throughput if result else float("nan")  # type: ignore[attr-defined]
             print(f"N={clients}: {rate:.1f} tok/s while sampled", flush=True)
             if raw.exists():
-                summarize(raw, args.top, args.seconds * 250)
+                summarize(raw, args.top, args.seconds * 250, args.wall)
             else:
                 print("  py-spy wrote nothing (not installed, or not allowed to trace)")
     finally:

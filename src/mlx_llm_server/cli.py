@@ -190,14 +190,6 @@ def build_parser() -> argparse.ArgumentParser:
         "that stages activations in shared memory (default: %(default)s, which is never)",
     )
     parser.add_argument(
-        "--switch-interval-ms",
-        type=_positive_milliseconds,
-        default=None,
-        metavar="MS",
-        help="how long one thread may hold Python's interpreter lock while another waits for "
-        "it (sys.setswitchinterval; default: Python's own, 5 ms)",
-    )
-    parser.add_argument(
         "--custom-model",
         action="append",
         default=[],
@@ -322,16 +314,6 @@ def _json_object(text: str) -> dict[str, object]:
         raise argparse.ArgumentTypeError(f"not JSON: {error}") from None
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError("must be a JSON object")
-    return value
-
-
-def _positive_milliseconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0 < value < 1000:
-        raise argparse.ArgumentTypeError("must be more than 0 and under 1000")
     return value
 
 
@@ -542,8 +524,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         _restart_with_openblas(argv)
     apply_cuda_defaults()
     limit_buffer_cache(args.buffer_cache_gb)
-    if args.switch_interval_ms is not None:
-        sys.setswitchinterval(args.switch_interval_ms / 1000)
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
