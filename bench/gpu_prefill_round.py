@@ -107,14 +107,15 @@ async def run_round(
     prefill = after.prefill_seconds - before.prefill_seconds
     decode = after.decode_seconds - before.decode_seconds
     waited = after.decode_wait_seconds - before.decode_wait_seconds
+    queued = after.decode_launch_seconds - before.decode_launch_seconds
     steps = after.decode_steps - before.decode_steps
     rows = (after.decode_rows - before.decode_rows) / max(steps, 1)
     print(
         f"\n{users} x {length} tokens, {tokens} out, spread {spread * 1e3:.0f} ms: "
         f"{produced / wall:,.1f} tok/s over {wall:.2f} s; TTFT p50 {statistics.median(ttfts):.3f} "
         f"p99 {p99:.3f} s; engine prefill {prefill:.2f} s, decode {decode:.2f} s in {steps} steps "
-        f"({decode / max(steps, 1) * 1e3:.1f} ms, {waited / max(steps, 1) * 1e3:.1f} waiting on "
-        f"the device, {rows:.1f} rows)",
+        f"({decode / max(steps, 1) * 1e3:.1f} ms: {waited / max(steps, 1) * 1e3:.1f} waiting on "
+        f"the device, {queued / max(steps, 1) * 1e3:.1f} queuing steps on it; {rows:.1f} rows)",
         flush=True,
     )
     print("| pass | prompts | tokens | ms | of which waiting |")

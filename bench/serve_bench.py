@@ -81,6 +81,7 @@ ENGINE_COUNTERS = (
     "mlx_llm_engine_prefill_seconds_total",
     "mlx_llm_engine_decode_seconds_total",
     "mlx_llm_engine_decode_wait_seconds_total",
+    "mlx_llm_engine_decode_launch_seconds_total",
     "mlx_llm_decode_steps_total",
     "mlx_llm_decode_rows_total",
     "mlx_llm_prompt_tokens_computed_total",
@@ -106,14 +107,15 @@ def engine_split(before: dict[str, float], after: dict[str, float], wall: float)
     if not before or not after:
         return ""
     d = {name: after.get(name, 0.0) - before.get(name, 0.0) for name in ENGINE_COUNTERS}
-    prefill, decode, wait, steps, rows, prompt = (d[name] for name in ENGINE_COUNTERS)
-    # "waiting": of a step, the engine blocked on the device for its tokens (near zero: the host
-    # sets the pace).
+    prefill, decode, wait, launch, steps, rows, prompt = (d[name] for name in ENGINE_COUNTERS)
+    # Of a step: "waiting", the engine blocked on the device for its tokens (near zero: the host
+    # sets the pace); "queuing", inside MLX encoding and launching the next step.
+    per_step = 1000 / max(steps, 1)
     return (
         f"prefill {prefill:5.2f}s ({prompt:6.0f} tok, {prompt / max(prefill, 1e-9):7.0f} tok/s) | "
-        f"decode {decode:5.2f}s in {steps:4.0f} steps ({1000 * decode / max(steps, 1):5.1f} ms, "
-        f"{1000 * wait / max(steps, 1):4.1f} waiting, {rows / max(steps, 1):4.1f} rows) | "
-        f"other {wall - prefill - decode:5.2f}s"
+        f"decode {decode:5.2f}s in {steps:4.0f} steps ({decode * per_step:5.1f} ms: "
+        f"{wait * per_step:4.1f} waiting, {launch * per_step:4.1f} queuing; "
+        f"{rows / max(steps, 1):4.1f} rows) | other {wall - prefill - decode:5.2f}s"
     )
 
 

@@ -192,7 +192,8 @@ def test_warm_up_runs_every_sampling_feature_and_leaves_no_trace(
     stats = engine.stats()
     assert stats.running == stats.waiting == stats.prefix_cache_entries == 0
     assert stats.decode_steps == stats.prompt_tokens_computed == 0
-    assert stats.prefill_seconds == stats.decode_seconds == stats.decode_wait_seconds == 0
+    assert stats.prefill_seconds == stats.decode_seconds == 0
+    assert stats.decode_wait_seconds == stats.decode_launch_seconds == 0
     # Quantized matmuls pick kernels by rows: the warm-up reaches 64 rows with 8 sequences.
     assert {8, 16, 32, 64} <= rows_seen
 

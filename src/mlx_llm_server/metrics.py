@@ -62,6 +62,10 @@ class _EngineCollector(Collector):
                 "mlx_llm_engine_decode_wait_seconds",
                 "Of the decode time, the engine blocked on the device for sampled tokens",
             ),
+            "decode_launch_seconds": (
+                "mlx_llm_engine_decode_launch_seconds",
+                "Of the decode time, the engine in MLX queuing steps on the device",
+            ),
         }
         stats = self._source()
         for field, (name, help_text) in gauges.items():

@@ -176,6 +176,9 @@ class DecodeBatch:
         # Seconds spent blocked on the device for sampled tokens: near zero means the host
         # (graph building, MLX's encoding, the interpreter lock) sets the pace, not the device.
         self.wait_seconds = 0.0
+        # Seconds inside MLX queuing each step on the device (encoding and launching its
+        # kernels, without the interpreter lock); the rest of a step is Python.
+        self.launch_seconds = 0.0
 
     def __len__(self) -> int:
         return len(self.sequences)
@@ -273,7 +276,9 @@ class DecodeBatch:
         if constrained and self.grammar_masker is not None:
             logits = self.grammar_masker(logits, matchers)
         self.pending = self.sampling.sample(logits)
+        started = time.perf_counter()
         evaluate(self.pending.arrays(), wait=False)
+        self.launch_seconds += time.perf_counter() - started
         return read if constrained else self._read(current)
 
     def _read(self, output: SampleOutput) -> list[ReadToken]:

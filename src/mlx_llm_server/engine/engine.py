@@ -248,6 +248,7 @@ class Engine:
             prefill_seconds=self.prefill_seconds,
             decode_seconds=self.decode_seconds,
             decode_wait_seconds=batch.wait_seconds if batch is not None else 0.0,
+            decode_launch_seconds=batch.launch_seconds if batch is not None else 0.0,
         )
 
     # Engine thread -----------------------------------------------------------------------
@@ -377,7 +378,7 @@ class Engine:
         self.decode_steps = self.decode_rows = self.max_decode_rows = 0
         self.prompt_tokens_computed = 0
         self.prefill_seconds = self.decode_seconds = 0.0
-        self._batch.wait_seconds = 0.0
+        self._batch.wait_seconds = self._batch.launch_seconds = 0.0
 
     def _has_work(self) -> bool:
         return bool(self._waiting or self._prefilling or (self._batch and len(self._batch)))

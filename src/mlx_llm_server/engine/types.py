@@ -92,3 +92,4 @@ class EngineStats:
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     decode_wait_seconds: float = 0.0  # of decode_seconds, blocked on the device for tokens
+    decode_launch_seconds: float = 0.0  # of decode_seconds, in MLX queuing steps on the device
