@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
+import pydantic_core
 from jinja2 import TemplateError
 
 from . import protocol as wire
@@ -574,6 +575,28 @@ def _chat_delta(update: ChoiceUpdate) -> wire.ChoiceDelta:
     )
 
 
+class ContentChunks:
+    """The bytes of content-only chunks, which most of a stream is, from one rendering.
+
+    `render(text)` gives a chunk whose only varying part is `text`, as the wire models render
+    it; the text's place in it is found once through a marker, and each chunk after that only
+    serialises its text (with pydantic's own serializer): ~1 us a token instead of ~4 us of
+    building and dumping models, on the event loop that shares the interpreter lock with the
+    engine thread.
+    """
+
+    _MARK = "\0"  # renders as "\u0000", which nothing else in a chunk contains
+
+    def __init__(self, render: Callable[[str], bytes]) -> None:
+        sample = render(self._MARK)
+        mark = pydantic_core.to_json(self._MARK)
+        start = sample.rindex(mark)
+        self._head, self._tail = sample[:start], sample[start + len(mark) :]
+
+    def __call__(self, text: str) -> bytes:
+        return self._head + pydantic_core.to_json(text) + self._tail
+
+
 async def chat_stream(
     generation: Generation, include_usage: bool, logprobs: bool
 ) -> AsyncIterator[bytes]:
@@ -602,6 +625,15 @@ async def chat_stream(
             ]
         )
 
+    templates: dict[int, ContentChunks] = {}
+
+    def content_piece(index: int, text: str) -> bytes:
+        template = templates.get(index)
+        if template is None:
+            template = ContentChunks(lambda t: piece(index, ChoiceUpdate(content=t)))
+            templates[index] = template
+        return template(text)
+
     try:
         for index in range(len(generation.choices)):
             yield chunk(
@@ -614,7 +646,11 @@ async def chat_stream(
         try:
             async for index, events in generation.events():
                 update = generation.on_events(index, events)
-                if update:
+                if update.content and not (
+                    update.reasoning or update.tool_calls or update.logprobs
+                ):
+                    yield content_piece(index, update.content)
+                elif update:
                     yield piece(index, update)
         except ServerError as error:
             # The stream has started: the error goes as an event, and the stream still ends well.
