@@ -59,3 +59,65 @@ def test_a_whole_stored_prompt_leaves_its_last_token_to_compute() -> None:
     cache.store(prompt, stored_cache(40))
     reused, length = cache.fetch(prompt)
     assert reused is not None and length == 39 and reused[0].offset == 39
+
+
+def token_cache(tokens: list[int]) -> list[KVCache]:
+    """A one-layer cache whose keys and values at each position hold that position's token."""
+    cache = KVCache()
+    values = mx.array(tokens, dtype=mx.float32).reshape(1, 1, len(tokens), 1)
+    cache.update_and_fetch(values, values)
+    return [cache]
+
+
+def mlx_lm_reuse(cache: PrefixCache, tokens: list[int]) -> int:
+    """How many prompt tokens mlx-lm's own `fetch_nearest_cache` would reuse for `tokens`."""
+    found, remaining = cache._cache.fetch_nearest_cache("model", tokens)
+    if found is None:
+        return 0
+    return len(tokens) - 1 if not remaining else len(tokens) - len(remaining)
+
+
+def test_the_walk_picks_what_mlx_lm_picks_and_the_keys_match(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import random
+
+    monkeypatch.setattr(module, "MIN_REUSED_TOKENS", 1)  # every reuse: compare the choice itself
+    rng = random.Random(5)
+    for _ in range(60):
+        cache = PrefixCache(max_bytes=1 << 30)
+        stems = [[rng.randrange(6) for _ in range(rng.randint(0, 20))] for _ in range(3)]
+        stored = []
+        for _ in range(rng.randint(1, 8)):
+            tokens = rng.choice(stems) + [rng.randrange(6) for _ in range(rng.randint(1, 12))]
+            cache.store(tokens, token_cache(tokens))
+            stored.append(tokens)
+        for _ in range(20):
+            base = rng.choice(stored + stems)
+            cut = rng.randint(0, len(base))
+            query = base[:cut] + [rng.randrange(6) for _ in range(rng.randint(0, 6))]
+            if len(query) < 2:
+                continue
+            expected = mlx_lm_reuse(cache, query)
+            nearest = cache._nearest(query)
+            assert (nearest[1] if nearest else 0) == expected, (stored, query)
+            reused, length = cache.fetch(query)
+            assert length == (expected if reused is not None else 0)
+            if reused is not None:  # the copied keys are the prompt's own first tokens
+                keys = reused[0].state[0][0, 0, :length, 0].tolist()
+                assert reused[0].offset == length and keys == query[:length]
+
+
+def test_a_template_only_overlap_never_searches_below_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    # mlx-lm's search visits every stored answer below the shared header (milliseconds each
+    # new prompt with many stored): the reuse decision must be made without it.
+    cache = PrefixCache(max_bytes=1 << 30)
+    header = list(range(1, 11))
+    for user in range(64):
+        cache.store(header + list(range(1000 * user, 1000 * user + 50)), stored_cache(60))
+    calls: list[object] = []
+    trie = cache._cache._trie
+    original = trie.search
+    monkeypatch.setattr(trie, "search", lambda *a: calls.append(a) or original(*a))
+    reused, length = cache.fetch(header + list(range(99_000, 99_040)))
+    assert reused is None and length == 0 and calls == []

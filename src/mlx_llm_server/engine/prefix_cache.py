@@ -1,12 +1,14 @@
 """Reuse of KV state across requests that share a prefix (a growing chat, a system prompt).
 
-A thin policy over mlx-lm's `LRUPromptCache` (a token trie with LRU eviction under a byte
-budget): entries are stored when a sequence finishes and fetched, trimmed to the common prefix,
-when a new prompt starts.
+A policy over mlx-lm's `LRUPromptCache` (a token trie with LRU eviction under a byte budget):
+entries are stored when a sequence finishes; when a new prompt starts, the entry it shares most
+with is found by a walk along the trie (`_nearest`, not mlx-lm's search) and copied, trimmed to
+the common prefix.
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, trim_prompt_cache
@@ -42,32 +44,62 @@ class PrefixCache:
         """
         if not self.enabled or len(tokens) < 2:
             return None, 0
-        if self._reusable(tokens) < MIN_REUSED_TOKENS:
+        nearest = self._nearest(tokens, at_least=MIN_REUSED_TOKENS)
+        if nearest is None:
             self.misses += 1
             return None, 0
-        cache, remaining = self._cache.fetch_nearest_cache(_MODEL_KEY, tokens)
-        if cache is None:
-            self.misses += 1
-            return None, 0
-        if not remaining:
+        source, reused = nearest
+        cache = copy.deepcopy(self._cache._trie.get(_MODEL_KEY, source).prompt_cache)
+        if len(source) > reused:  # a longer entry, or the whole prompt: cut to what is reused
             if not can_trim_prompt_cache(cache):
                 self.misses += 1
                 return None, 0
-            trim_prompt_cache(cache, 1)
-            remaining = tokens[-1:]
+            trim_prompt_cache(cache, len(source) - reused)
         self.hits += 1
-        return cache, len(tokens) - len(remaining)
+        return cache, reused
 
-    def _reusable(self, tokens: list[int]) -> int:
-        """How many tokens `fetch_nearest_cache` would reuse, found without copying anything
-        (the same choice it makes: an exact entry, a longer one trimmed, or a shorter one)."""
-        found = self._cache._trie.search(_MODEL_KEY, tokens)
-        if found.exact is not None:
-            return len(tokens) - 1
-        shorter = len(found.shorter) if found.shorter is not None else 0
-        if found.longer is not None and found.common_prefix > shorter:
-            return min(len(tokens) - 1, found.common_prefix)
-        return shorter
+    def _nearest(self, tokens: list[int], at_least: int = 1) -> tuple[list[int], int] | None:
+        """The stored entry to copy for `tokens` and how many prompt tokens it covers: what
+        mlx-lm's `fetch_nearest_cache` picks (an exact entry, a longer one to trim to the common
+        prefix, or the longest shorter one), found by walking the trie along `tokens` only.
+        None when nothing is stored that covers `at_least` tokens.
+
+        mlx-lm's own search also looks for the *shortest* entry extending past the common
+        prefix, visiting every node below it with a list copy each: for a prompt sharing just
+        a chat template's header with 64 stored answers that is ~4.6 ms of Python, ~18 ms with
+        256 (2-core VM, `bench/prefix_lookup.py`), on the engine thread, for every new prompt;
+        more below a long shared system prompt. Any entry below serves (the same tokens give the
+        same keys and values up to there), so the first one found going down is taken.
+        """
+        node = self._cache._trie._trie.get(_MODEL_KEY)
+        common, last_entry = 0, -1
+        while node is not None and common < len(tokens):
+            child = node.get(tokens[common])
+            if child is None:
+                break
+            node = child
+            if "__value__" in node:
+                last_entry = common
+            common += 1
+        if node is None or common == 0:
+            return None
+        if last_entry == len(tokens) - 1:
+            return tokens, len(tokens) - 1  # the whole prompt is stored
+        shorter = last_entry + 1 if last_entry > 0 else 0  # as mlx-lm: never a 1-token entry
+        if max(min(len(tokens) - 1, common), shorter) < at_least:
+            return None
+        if common > shorter:
+            below: list[int] = []
+            while "__value__" not in node:  # every node leads to an entry
+                token = next(key for key in node if key != "__value__")
+                below.append(token)
+                node = node[token]
+            longer = tokens[:common] + below
+            if can_trim_prompt_cache(node["__value__"].prompt_cache):
+                return longer, min(len(tokens) - 1, common)
+        if shorter >= max(at_least, 1):
+            return tokens[:shorter], shorter
+        return None
 
     def store(self, tokens: list[int], cache: list[Any]) -> None:
         if self.enabled and tokens:
