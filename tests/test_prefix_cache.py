@@ -121,3 +121,15 @@ def test_a_template_only_overlap_never_searches_below_it(monkeypatch: pytest.Mon
     monkeypatch.setattr(trie, "search", lambda *a: calls.append(a) or original(*a))
     reused, length = cache.fetch(header + list(range(99_000, 99_040)))
     assert reused is None and length == 0 and calls == []
+
+
+def test_a_whole_stored_prompt_under_the_minimum_is_not_reused(copies: list[object]) -> None:
+    cache = PrefixCache(max_bytes=1 << 30)
+    prompt = list(range(MIN_REUSED_TOKENS))  # reusing it would leave MIN - 1 tokens reused
+    cache.store(prompt, stored_cache(len(prompt)))
+    assert cache.fetch(prompt) == (None, 0)
+    assert copies == []
+    longer = list(range(MIN_REUSED_TOKENS + 1))
+    cache.store(longer, stored_cache(len(longer)))
+    reused, length = cache.fetch(longer)
+    assert reused is not None and length == MIN_REUSED_TOKENS
