@@ -4,9 +4,9 @@ Stores N answers of 254 tokens each below a shared start (a chat template's 10-t
 or a 500-token system prompt), then times the reuse decision for a new prompt of that start and
 126 tokens of its own: mlx-lm's trie search (which also visits every stored answer below the
 shared start) against the server's walk along the prompt (`PrefixCache._nearest`; a start
-under 16 tokens is not reused, so "tokens reused" is 0 there). With 64
-users arriving together, the engine makes this decision once per user before any prompt work.
-Pure Python, no device needed.
+under 16 tokens is not reused, so "tokens reused" is 0 there). With 64 users arriving
+together, the engine makes this decision once per user before any prompt work. Pure Python, no
+device needed.
 
     python bench/prefix_lookup.py [--entries 16,64,256]
 """

@@ -49,12 +49,16 @@ class PrefixCache:
             self.misses += 1
             return None, 0
         source, reused = nearest
-        cache = copy.deepcopy(self._cache._trie.get(_MODEL_KEY, source).prompt_cache)
-        if len(source) > reused:  # a longer entry, or the whole prompt: cut to what is reused
-            if not can_trim_prompt_cache(cache):
-                self.misses += 1
-                return None, 0
-            trim_prompt_cache(cache, len(source) - reused)
+        stored = self._cache._trie.get(_MODEL_KEY, source).prompt_cache
+        # A longer entry, or the whole prompt stored, is cut to what is reused: checked before
+        # anything is copied.
+        cut = len(source) - reused
+        if cut and not can_trim_prompt_cache(stored):
+            self.misses += 1
+            return None, 0
+        cache = copy.deepcopy(stored)
+        if cut:
+            trim_prompt_cache(cache, cut)
         self.hits += 1
         return cache, reused
 
