@@ -34,7 +34,7 @@ def test_defaults_are_the_specified_ones() -> None:
     assert spec.name == spec.model_id == DEFAULT_MODEL == "mlx-community/Qwen3-8B-4bit"
     assert args.port == DEFAULT_PORT == 9044
     assert args.host == "127.0.0.1"
-    assert args.staged_matmul_rows == 65  # the staged kernel off
+    assert args.staged_matmul_rows == 33  # the staged kernel from 33 rows, by layer width
     assert args.fused_head_rope and args.fused_epilogues  # both NVIDIA-only, on by default
     assert not build_parser().parse_args(["--no-fused-epilogues"]).fused_epilogues
     assert args.folded_norm_rows == 0  # measured slower over HTTP at one row

@@ -187,7 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=STAGED_MIN_ROWS,
         metavar="ROWS",
         help="on NVIDIA GPUs, 4-bit matmuls of this many rows or more (up to 64) take the kernel "
-        "that stages activations in shared memory (default: %(default)s, which is never)",
+        "that stages activations in shared memory, where faster for the layer (default: "
+        "%(default)s; above 64: never)",
     )
     parser.add_argument(
         "--custom-model",

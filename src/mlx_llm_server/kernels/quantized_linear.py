@@ -4,11 +4,12 @@ MLX's CUDA backend (0.32) makes batched decode with quantized models barely fast
 stream: given (B, 1, K) activations, ``mx.quantized_matmul`` runs one GEMV per batch entry, and
 on a 2-D input it still runs one GEMV per row below 8 rows. This module adds a tensor-core
 kernel, compiled at first use through ``mx.fast.cuda_kernel``, that reads each 4-bit weight tile
-once for all rows (from 49 rows in a variant whose warps share the activations through shared
-memory, ``FusedConfig.nw``), and a drop-in replacement for ``nn.QuantizedLinear`` that picks per
+once for all rows (from 33 rows, on the wider layers, in a variant whose warps share the
+activations through shared memory, ``FusedConfig.nw``), and a drop-in replacement for ``nn.QuantizedLinear`` that picks per
 call between that kernel, the stock op on the rows flattened to 2-D, and dequantize + matmul
 (``choose_path``; the figures behind it are in bench/NOTES.md, "4-bit matmul on NVIDIA",
-"NVIDIA, night runs" and "H200: fused projections and the staged kernel").
+"NVIDIA, night runs", "H200: fused projections and the staged kernel" and "H200: two weight
+tiles a warp in the staged kernel").
 
 The parameters stay exactly as MLX stores them (affine, 4 bits, ``weight``/``scales``/
 ``biases``), so checkpoints load unchanged.
@@ -67,10 +68,10 @@ class FusedConfig:
     mt: 8-row tiles of the activations per block (the kernel's MMA "n" side).
     rt: 16-row tiles of the weight matrix per warp (reuse of each activation fragment).
     kw: warps per block, each summing a share of K (reduced in shared memory).
-    nw: warps per block that own different 16-row weight tiles and share one copy of the
-        activations staged in shared memory (``rt`` is then 1). With 1, every warp reads its
-        activation fragments from global memory itself: at 64 rows those re-reads, one per 16
-        output features, move 15x the weights' bytes through L2 and bound the kernel.
+    nw: warps per block that own different 16 rt-row weight tiles and share one copy of the
+        activations staged in shared memory. With 1, every warp reads its activation
+        fragments from global memory itself: at 64 rows those re-reads, one per 16 rt output
+        features, move 15x the weights' bytes through L2 (rt 1) and bound the kernel.
     """
 
     mt: int
@@ -405,7 +406,7 @@ _NORM_SNIPPETS = {
 # Within a row of 32 16-byte words, word q sits at q ^ (bit 3 of q | (row & 1) << 1): the 8
 # lanes of a quarter-warp then read 8 different bank groups. Rows past M are zero-filled.
 _STAGED_SOURCE = r"""
-  constexpr int ROWS = 16 * NW;
+  constexpr int ROWS = 16 * RT * NW;
   constexpr int COLS = 8 * MT;
   constexpr int LD = ROWS + 4;
   constexpr int NT = 32 * NW * KW;
@@ -422,7 +423,7 @@ _STAGED_SOURCE = r"""
   const int kw = warp / NW;
   const int g = lane >> 2;
   const int t = lane & 3;
-  const int n0 = blockIdx.x * ROWS + nw * 16;
+  const int n0 = blockIdx.x * ROWS + nw * 16 * RT;
   const int m0 = blockIdx.y * COLS;
   const int nchunks = K / 256;
   const int iters = (nchunks + KW - 1) / KW;
@@ -433,11 +434,13 @@ _STAGED_SOURCE = r"""
   const uint4* xv = reinterpret_cast<const uint4*>(x);
   extern __shared__ uint4 qlx_smem[];
 
-  float acc[MT][4];
+  float acc[RT][MT][4];
 #pragma unroll
-  for (int mt = 0; mt < MT; ++mt)
+  for (int rt = 0; rt < RT; ++rt)
 #pragma unroll
-    for (int i = 0; i < 4; ++i) acc[mt][i] = 0.0f;
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[rt][mt][i] = 0.0f;
 
 #define QLX_STAGE(IT, BUF)                                                                 \
   for (int idx = threadIdx.x; idx < STAGE; idx += NT) {                                    \
@@ -456,19 +459,20 @@ _STAGED_SOURCE = r"""
   asm volatile("cp.async.commit_group;\n" ::);
 
 #define QLX_LOAD(C, WV, SV, BV)                                                      \
+  _Pragma("unroll") for (int rt = 0; rt < RT; ++rt)                                  \
   _Pragma("unroll") for (int hi = 0; hi < 2; ++hi) {                                 \
-    const size_t row = (size_t)(n0 + g + 8 * hi);                                    \
+    const size_t row = (size_t)(n0 + rt * 16 + g + 8 * hi);                          \
     const uint4* wr = reinterpret_cast<const uint4*>(w + row * kwords + (C) * 32);   \
     _Pragma("unroll") for (int h = 0; h < 2; ++h) {                                  \
-      WV[hi][h] = wr[h * 4 + t];                                                     \
+      WV[rt][hi][h] = wr[h * 4 + t];                                                 \
       const int grp = ((C) * 256 + h * 128 + 32 * t) / GS;                           \
-      SV[hi][h] = sp[row * ngroups + grp];                                           \
-      BV[hi][h] = bp[row * ngroups + grp];                                           \
+      SV[rt][hi][h] = sp[row * ngroups + grp];                                       \
+      BV[rt][hi][h] = bp[row * ngroups + grp];                                       \
     }                                                                                \
   }
 
-  uint4 wc[2][2];
-  uint16_t sc[2][2], bc[2][2];
+  uint4 wc[RT][2][2];
+  uint16_t sc[RT][2][2], bc[RT][2][2];
   if (kw < nchunks) {
     QLX_LOAD(kw, wc, sc, bc)
   }
@@ -483,8 +487,8 @@ _STAGED_SOURCE = r"""
     __syncthreads();
     const int c = it * KW + kw;
     if (c < nchunks) {
-      uint4 wn[2][2];
-      uint16_t sn[2][2], bn[2][2];
+      uint4 wn[RT][2][2];
+      uint16_t sn[RT][2][2], bn[RT][2][2];
       const bool more = c + KW < nchunks;
       if (more) {
         QLX_LOAD(c + KW, wn, sn, bn)
@@ -492,37 +496,50 @@ _STAGED_SOURCE = r"""
       const uint4* xs = qlx_smem + (it & 1) * STAGE + kw * COLS * 32;
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        uint32_t s2[2], b2[2];
+        uint32_t s2[RT][2], b2[RT][2];
 #pragma unroll
-        for (int hi = 0; hi < 2; ++hi) {
-          s2[hi] = (uint32_t)sc[hi][h] * 0x10001u;
-          b2[hi] = (uint32_t)bc[hi][h] * 0x10001u;
-        }
+        for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+          for (int hi = 0; hi < 2; ++hi) {
+            s2[rt][hi] = (uint32_t)sc[rt][hi][h] * 0x10001u;
+            b2[rt][hi] = (uint32_t)bc[rt][hi][h] * 0x10001u;
+          }
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
           const int q = h * 16 + 4 * t + j;
           const int qs = q ^ (((q >> 3) & 1) | ((g & 1) << 1));
-          uint32_t d0[4], d1[4];
-          qlx_dequant8(qlx_word(wc[0][h], j), s2[0], b2[0], d0, BF16);
-          qlx_dequant8(qlx_word(wc[1][h], j), s2[1], b2[1], d1, BF16);
+          // Each activation fragment read from shared memory serves all RT weight tiles.
+          uint32_t d0[RT][4], d1[RT][4];
+#pragma unroll
+          for (int rt = 0; rt < RT; ++rt) {
+            qlx_dequant8(qlx_word(wc[rt][0][h], j), s2[rt][0], b2[rt][0], d0[rt], BF16);
+            qlx_dequant8(qlx_word(wc[rt][1][h], j), s2[rt][1], b2[rt][1], d1[rt], BF16);
+          }
 #pragma unroll
           for (int mt = 0; mt < MT; ++mt) {
             uint32_t xp[4];
             qlx_xpairs(xs[(mt * 8 + g) * 32 + qs], xp);
-            qlx_mma(acc[mt], d0[0], d1[0], d0[1], d1[1], xp[0], xp[1], BF16);
-            qlx_mma(acc[mt], d0[2], d1[2], d0[3], d1[3], xp[2], xp[3], BF16);
+#pragma unroll
+            for (int rt = 0; rt < RT; ++rt) {
+              qlx_mma(acc[rt][mt], d0[rt][0], d1[rt][0], d0[rt][1], d1[rt][1], xp[0], xp[1],
+                      BF16);
+              qlx_mma(acc[rt][mt], d0[rt][2], d1[rt][2], d0[rt][3], d1[rt][3], xp[2], xp[3],
+                      BF16);
+            }
           }
         }
       }
       if (more) {
 #pragma unroll
-        for (int hi = 0; hi < 2; ++hi)
+        for (int rt = 0; rt < RT; ++rt)
 #pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            wc[hi][h] = wn[hi][h];
-            sc[hi][h] = sn[hi][h];
-            bc[hi][h] = bn[hi][h];
-          }
+          for (int hi = 0; hi < 2; ++hi)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+              wc[rt][hi][h] = wn[rt][hi][h];
+              sc[rt][hi][h] = sn[rt][hi][h];
+              bc[rt][hi][h] = bn[rt][hi][h];
+            }
       }
     }
     __syncthreads();
@@ -534,27 +551,24 @@ _STAGED_SOURCE = r"""
   float* red = reinterpret_cast<float*>(qlx_smem);
   float* mine = red + kw * (COLS * LD);
 #pragma unroll
-  for (int mt = 0; mt < MT; ++mt)
+  for (int rt = 0; rt < RT; ++rt)
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int mm = mt * 8 + 2 * t + (i & 1);
-      const int nn = nw * 16 + g + 8 * (i >> 1);
-      mine[mm * LD + nn] = acc[mt][i];
-    }
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int mm = mt * 8 + 2 * t + (i & 1);
+        const int nn = (nw * RT + rt) * 16 + g + 8 * (i >> 1);
+        mine[mm * LD + nn] = acc[rt][mt][i];
+      }
   __syncthreads();
   const int nb = blockIdx.x * ROWS;
-  for (int idx = threadIdx.x; idx < ROWS * COLS; idx += NT) {
-    const int mm = idx / ROWS;
-    const int nn = idx - mm * ROWS;
-    if (m0 + mm >= M) {
-      break;
-    }
-    float s = 0.0f;
-#pragma unroll
-    for (int k = 0; k < KW; ++k) s += red[k * (COLS * LD) + mm * LD + nn];
-    y[(size_t)(m0 + mm) * N + nb + nn] = static_cast<T>(s);
-  }
 """
+
+
+def _staged_store(epilogue: str) -> str:
+    """The staged kernel's store: the unstaged kernel's, over its own names for the block's
+    partial sums, thread count and first output feature."""
+    return _STORES[epilogue].replace("qlx_red", "red").replace("32 * KW", "NT").replace("n0", "nb")
 
 
 def kernel_name(stem: str, *sources: str) -> str:
@@ -589,10 +603,10 @@ def kernel_source(
 
     The tile shape, group size, dtype, epilogue (``EPILOGUES``) and a folded RMSNorm's epsilon
     (``norm_eps``; MT 1) are compile-time constants baked into the body (no template arguments
-    to convert and hash per call); epilogues and the norm are the unstaged kernel's.
+    to convert and hash per call); the folded norm is the unstaged kernel's.
     """
-    if epilogue not in _STORES or (cfg.nw > 1 and epilogue != "none"):
-        raise ValueError(f"no {epilogue!r} epilogue for {cfg}")
+    if epilogue not in _STORES:
+        raise ValueError(f"no {epilogue!r} epilogue")
     if norm_eps is not None and (cfg.nw > 1 or cfg.mt != 1):
         raise ValueError(f"no folded RMSNorm for {cfg}")
     bf16 = dtype == mx.bfloat16
@@ -604,7 +618,7 @@ def kernel_source(
     )
     consts += f"constexpr int NW = {cfg.nw};\n"
     if cfg.nw > 1:
-        return _HEADER_MIN, consts + _minify(_STAGED_SOURCE)
+        return _HEADER_MIN, consts + _minify(_STAGED_SOURCE + _staged_store(epilogue))
     body = _SOURCE + _STORES[epilogue]
     for marker, snippet in _NORM_SNIPPETS.items():
         body = body.replace(marker, "" if norm_eps is None else snippet)
@@ -680,8 +694,8 @@ def _plan(
     norm_eps: float | None,
 ) -> tuple:
     cfg = config or _default_fused_config(m, n)
-    if config is None and (epilogue != "none" or norm_eps is not None) and cfg.nw > 1:
-        cfg = _unstaged_config(m, n)  # epilogues and the norm are the unstaged kernel's
+    if config is None and norm_eps is not None and cfg.nw > 1:
+        cfg = _unstaged_config(m, n)  # the folded norm is the unstaged kernel's
     if norm_eps is not None and m > NORM_MAX_ROWS:
         raise ValueError(f"a folded RMSNorm takes at most {NORM_MAX_ROWS} rows, not {m}")
     if n % (16 * cfg.rt * cfg.nw):
@@ -835,35 +849,35 @@ def _unstaged_config(m: int, n: int) -> FusedConfig:
     return FusedConfig(mt=mt, rt=1, kw=4)
 
 
-# Default of `--staged-matmul-rows`: never. In 64-row steps of the step benchmark the staged
-# kernel won (18.4 -> 14.9 ms), but over HTTP on the same H200 64-row steps took 33.7-38.5 ms
-# with it against 22.1 without (bench/NOTES.md, "H200: compiled decode blocks").
-STAGED_MIN_ROWS = 65
+# Default of `--staged-matmul-rows`. From 33 rows the staged kernel, with its tile shape by
+# layer width (`_STAGED_BY_WIDTH`), made a decode block's four matmuls 342 -> 290 us at 48 rows
+# and 373 -> 296 at 64 (H200), and 64-stream decode steps over HTTP 19.9 -> 16.2-16.6 ms; at 32
+# rows the unstaged kernel was as fast or faster (bench/NOTES.md, "H200: two weight tiles a
+# warp in the staged kernel"). An earlier staged policy without the epilogues had lost over
+# HTTP (33.7-38.5 against 22.1 ms steps, "H200: compiled decode blocks").
+STAGED_MIN_ROWS = 33
 _staged_min_rows = STAGED_MIN_ROWS
 
-# (smallest N, config) for the staged kernel from `_staged_min_rows` rows, widest layers first:
-# the fastest shapes of dependent calls on an H200 (bench/NOTES.md, "H200: fused projections
-# and the staged kernel").
-_STAGED_BY_WIDTH = (
+# (smallest N, config) for the staged kernel from `_staged_min_rows` rows, widest layers first;
+# None keeps the unstaged kernel. The fastest shapes of dependent calls with each layer's
+# epilogue at 48 and 64 rows on an H200 (bench/gpu_tile_reuse.py; bench/NOTES.md).
+_STAGED_BY_WIDTH: tuple[tuple[int, FusedConfig | None], ...] = (
     (65536, FusedConfig(mt=4, rt=1, kw=1, nw=8)),  # an output head
-    (16384, FusedConfig(mt=8, rt=1, kw=2, nw=4)),  # fused gate/up
-    (8192, FusedConfig(mt=4, rt=1, kw=2, nw=4)),  # gate or up alone
-    (0, FusedConfig(mt=4, rt=1, kw=2, nw=2)),  # q/k/v (fused or not), o, down
+    (16384, FusedConfig(mt=8, rt=2, kw=1, nw=4)),  # fused gate/up
+    (4097, FusedConfig(mt=4, rt=2, kw=2, nw=2)),  # fused q/k/v, gate or up alone
+    (0, None),  # o, down and narrower: as fast unstaged
 )
 
 
 def _default_fused_config(m: int, n: int) -> FusedConfig:
-    """Tile shape for ``m`` rows of an ``n``-feature layer.
-
-    The unstaged kernel below ``_staged_min_rows`` (by default at every row count). Up to 48
-    rows the staged one was no faster even in the step benchmark (a layer's calls run one after
-    another, and its blocks of 64-128 output features leave SMs idle); above, it won there but
-    lost over HTTP (bench/NOTES.md).
-    """
+    """Tile shape for ``m`` rows of an ``n``-feature layer: the unstaged kernel below
+    ``_staged_min_rows``, then the staged one where it is faster for the layer's width."""
     if m >= _staged_min_rows:
         for min_width, cfg in _STAGED_BY_WIDTH:
-            if n >= min_width and n % (16 * cfg.nw) == 0:
-                return cfg
+            if n >= min_width:
+                if cfg is not None and n % (16 * cfg.rt * cfg.nw) == 0:
+                    return cfg
+                break
     return _unstaged_config(m, n)
 
 
