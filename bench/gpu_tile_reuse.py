@@ -54,16 +54,35 @@ LAYERS = [
 
 def variants(m: int, n: int) -> list[tuple[str, FusedConfig]]:
     out = [("unstaged", ql._unstaged_config(m, n))]
-    for min_width, cfg in ql._STAGED_BY_WIDTH:
+    for min_width, cfg in STAGED_RT1_BY_WIDTH:
         if n >= min_width and n % (16 * cfg.nw) == 0:
             out.append(("staged rt1", cfg))
             break
     mt = 8 if m > 32 else 4
-    for mt_, nw, kw in ((mt, 4, 2), (mt, 4, 1), (mt, 2, 2), (mt, 2, 1), (4, 4, 2), (4, 2, 2)):
-        cfg = FusedConfig(mt=mt_, rt=2, kw=kw, nw=nw)
-        if n % (32 * nw) == 0 and all(cfg != c for _, c in out):
-            out.append((f"rt2 m{mt_}n{nw}k{kw}", cfg))
+    candidates = [("rt2", mt_, 2, kw, nw) for mt_, nw, kw in RT2_SHAPES if mt_ <= mt]
+    if narrow_sweep and n <= 4096:
+        candidates += [("unstaged", *shape, 1) for shape in NARROW_UNSTAGED]
+        candidates += [("rt1", mt_, 1, kw, nw) for mt_, nw, kw in NARROW_STAGED]
+    for kind, mt_, rt, kw, nw in candidates:
+        cfg = FusedConfig(mt=mt_, rt=rt, kw=kw, nw=nw)
+        if n % (16 * rt * nw) == 0 and all(cfg != c for _, c in out):
+            out.append((f"{kind} m{mt_}n{nw}k{kw}" + (f"r{rt}" if nw == 1 else ""), cfg))
     return out
+
+
+narrow_sweep = False
+# The staged kernel's shapes before two tiles a warp (rt 1), by smallest width.
+STAGED_RT1_BY_WIDTH = (
+    (65536, FusedConfig(mt=4, rt=1, kw=1, nw=8)),
+    (16384, FusedConfig(mt=8, rt=1, kw=2, nw=4)),
+    (8192, FusedConfig(mt=4, rt=1, kw=2, nw=4)),
+    (0, FusedConfig(mt=4, rt=1, kw=2, nw=2)),
+)
+RT2_SHAPES = ((8, 4, 2), (8, 4, 1), (8, 2, 2), (8, 2, 1), (4, 4, 2), (4, 2, 2))
+# `--narrow`: more shapes for the 4,096-wide layers (o_proj, down_proj), where two tiles a warp
+# lost: unstaged (mt, rt, kw) with more blocks, and staged rt 1 with more K split.
+NARROW_UNSTAGED = ((4, 1, 4), (4, 2, 8), (4, 2, 4), (8, 1, 8), (8, 1, 2), (2, 2, 4))
+NARROW_STAGED = ((4, 2, 4), (8, 2, 2), (4, 4, 2), (4, 2, 2))
 
 
 def call(
@@ -164,7 +183,12 @@ def main() -> int:
     parser.add_argument("--rows", default="33,48,61,64", help="part 1's row counts")
     parser.add_argument("--timing-rows", default="32,48,64", help="part 2's row counts")
     parser.add_argument("--parts", default="1,2")
+    parser.add_argument("--layers", default="", help="only layers whose name has this text")
+    parser.add_argument("--narrow", action="store_true", help="more 4,096-wide layer shapes")
     args = parser.parse_args()
+    global narrow_sweep, LAYERS
+    narrow_sweep = args.narrow
+    LAYERS = [layer for layer in LAYERS if args.layers in layer[0]]
     parts = {int(p) for p in args.parts.split(",")}
     ok = True
     if 1 in parts:

@@ -851,7 +851,7 @@ def _unstaged_config(m: int, n: int) -> FusedConfig:
 
 # Default of `--staged-matmul-rows`. From 33 rows the staged kernel, with its tile shape by
 # layer width (`_STAGED_BY_WIDTH`), made a decode block's four matmuls 342 -> 290 us at 48 rows
-# and 373 -> 296 at 64 (H200), and 64-stream decode steps over HTTP 19.9 -> 16.2-16.6 ms; at 32
+# and 373 -> 299 at 64 (H200), and 64-stream decode steps over HTTP 19.9 -> 16.2-16.6 ms; at 32
 # rows the unstaged kernel was as fast or faster (bench/NOTES.md, "H200: two weight tiles a
 # warp in the staged kernel"). An earlier staged policy without the epilogues had lost over
 # HTTP (33.7-38.5 against 22.1 ms steps, "H200: compiled decode blocks").
