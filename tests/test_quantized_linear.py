@@ -180,7 +180,8 @@ def test_tile_shapes_by_rows_and_width() -> None:
         assert tile_shape(m, 151936) == FusedConfig(mt=4, rt=1, kw=1, nw=8)
         assert tile_shape(m, 24576) == FusedConfig(mt=8, rt=2, kw=1, nw=4)
         assert tile_shape(m, 12288) == tile_shape(m, 6144) == FusedConfig(mt=4, rt=2, kw=2, nw=2)
-        assert tile_shape(m, 4096).nw == tile_shape(m, 1024).nw == 1
+        assert tile_shape(m, 4096) == FusedConfig(mt=4, rt=2, kw=4)  # o/down: unstaged
+        assert tile_shape(m, 1024) == FusedConfig(mt=8, rt=1, kw=4)  # the default shape
     assert tile_shape(64, 6160).nw == 1  # not a multiple of the staged block's 64 features
     assert launch_shape(tile_shape(1, 4096), 1, 4096) == ((256 * 128, 1, 1), (128, 1, 1))
     # 64 rows of the fused gate/up: 192 blocks of 128 features x 64 rows, 4 warps each.
@@ -188,7 +189,7 @@ def test_tile_shapes_by_rows_and_width() -> None:
     try:
         set_staged_min_rows(65)  # `--staged-matmul-rows 65`: the unstaged kernel everywhere
         for n in QWEN3_8B_WIDTHS:
-            assert tile_shape(64, n).nw == 1
+            assert tile_shape(64, n) == FusedConfig(mt=8, rt=1, kw=4)
         set_staged_min_rows(49)
         assert tile_shape(48, 24576).nw == 1 and tile_shape(49, 24576).nw == 4
     finally:

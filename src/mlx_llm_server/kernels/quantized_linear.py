@@ -849,29 +849,34 @@ def _unstaged_config(m: int, n: int) -> FusedConfig:
     return FusedConfig(mt=mt, rt=1, kw=4)
 
 
-# Default of `--staged-matmul-rows`. From 33 rows the staged kernel, with its tile shape by
-# layer width (`_STAGED_BY_WIDTH`), made a decode block's four matmuls 342 -> 290 us at 48 rows
-# and 373 -> 299 at 64 (H200), and 64-stream decode steps over HTTP 19.9 -> 16.2-16.6 ms; at 32
-# rows the unstaged kernel was as fast or faster (bench/NOTES.md, "H200: two weight tiles a
-# warp in the staged kernel"). An earlier staged policy without the epilogues had lost over
-# HTTP (33.7-38.5 against 22.1 ms steps, "H200: compiled decode blocks").
+# Default of `--staged-matmul-rows`. From 33 rows the tile shapes by layer width below made a
+# decode block's four matmuls 342 -> 290 us at 48 rows and 373 -> 299 at 64 (H200), and
+# 64-stream decode steps over HTTP 19.9 -> 16.2-16.6 ms, before o/down took their shape too
+# (another ~30 us a block); at 32 rows the default unstaged shapes were as fast or faster
+# (bench/NOTES.md, "H200: two weight tiles a warp in the staged kernel"). An earlier staged
+# policy without the epilogues had lost over HTTP (33.7-38.5 against 22.1 ms steps, "H200:
+# compiled decode blocks").
 STAGED_MIN_ROWS = 33
 _staged_min_rows = STAGED_MIN_ROWS
 
-# (smallest N, config) for the staged kernel from `_staged_min_rows` rows, widest layers first;
-# None keeps the unstaged kernel. The fastest shapes of dependent calls with each layer's
-# epilogue at 48 and 64 rows on an H200 (bench/gpu_tile_reuse.py; bench/NOTES.md).
+# (smallest N, config) from `_staged_min_rows` rows, widest layers first: the staged kernel,
+# or for o/down an unstaged shape other than the default; None keeps the default. The fastest
+# shapes of dependent calls with each layer's epilogue at 48 and 64 rows on an H200
+# (bench/gpu_tile_reuse.py; bench/NOTES.md).
 _STAGED_BY_WIDTH: tuple[tuple[int, FusedConfig | None], ...] = (
     (65536, FusedConfig(mt=4, rt=1, kw=1, nw=8)),  # an output head
     (16384, FusedConfig(mt=8, rt=2, kw=1, nw=4)),  # fused gate/up
     (4097, FusedConfig(mt=4, rt=2, kw=2, nw=2)),  # fused q/k/v, gate or up alone
-    (0, None),  # o, down and narrower: as fast unstaged
+    # o and down: the unstaged kernel with two tiles a warp over 32-row blocks (their four
+    # warps split K), 130-135 -> 101 us for the pair at 48-64 rows.
+    (4096, FusedConfig(mt=4, rt=2, kw=4, nw=1)),
+    (0, None),  # narrower (k/v unfused): too few blocks for any but the default shape
 )
 
 
 def _default_fused_config(m: int, n: int) -> FusedConfig:
-    """Tile shape for ``m`` rows of an ``n``-feature layer: the unstaged kernel below
-    ``_staged_min_rows``, then the staged one where it is faster for the layer's width."""
+    """Tile shape for ``m`` rows of an ``n``-feature layer: the unstaged kernel's default below
+    ``_staged_min_rows``, then the shape measured fastest for the layer's width."""
     if m >= _staged_min_rows:
         for min_width, cfg in _STAGED_BY_WIDTH:
             if n >= min_width:
