@@ -186,9 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=STAGED_MIN_ROWS,
         metavar="ROWS",
-        help="on NVIDIA GPUs, 4-bit matmuls of this many rows or more (up to 64) take the kernel "
-        "that stages activations in shared memory, where faster for the layer (default: "
-        "%(default)s; above 64: never)",
+        help="on NVIDIA GPUs, 4-bit matmuls of this many rows or more (up to 64) take the tile "
+        "shapes measured fastest for their layer's width, the kernel that stages activations in "
+        "shared memory on the wider layers (default: %(default)s; above 64: never)",
     )
     parser.add_argument(
         "--custom-model",
