@@ -2,7 +2,8 @@
 
 Run on the GPU machine from the repository root (random weights are built there):
 
-    python3 bench/gpu_tile_reuse.py [--rows 33,48,64] [--timing-rows 32,48,64]
+    python3 bench/gpu_tile_reuse.py [--parts 1,2] [--rows 33,48,61,64] [--timing-rows 32,48,64]
+        [--layers TEXT] [--narrow]
 
 At 64 rows the unstaged kernel reads every activation fragment once per 16 output features,
 and the staged one (activations in shared memory) still once per warp's 16 features: shared
@@ -17,6 +18,10 @@ weight tiles (32 features), halving that traffic at the cost of registers (242 a
    ``mx.quantized_matmul`` followed by those operations.
 2. Microseconds a call, dependent calls (each input made from the previous output, as a step's
    layers run), every variant, and the four layers' sum: a layer's share of one decode step.
+
+`--layers` keeps the layers whose name holds the text (e.g. "+ residual": o_proj and
+down_proj); `--narrow` adds shapes for the 4,096-wide layers, where two tiles a warp in the
+staged kernel lost: unstaged ones with more blocks, staged ones with more K split.
 """
 
 from __future__ import annotations
