@@ -121,16 +121,23 @@ def part_check() -> bool:
     return ok
 
 
-def chained_us(x: mx.array, weights: list, cfg: FusedConfig, n: int, k: int) -> float:
+def chained_us(
+    x: mx.array, weights: list, cfg: FusedConfig, n: int, k: int, epilogue: str = "none"
+) -> float:
     """Median us a call when each call's input is made from the previous call's output, so no
-    two calls overlap on the device (as in a decode step); one small copy between calls."""
+    two calls overlap on the device (as in a decode step); one small copy between calls. With
+    an ``epilogue`` (the kernel's "residual" or "swiglu"), each call applies it as it stores."""
+    out_n = n // 2 if epilogue == "swiglu" else n
+    residual = mx.zeros((x.shape[0], out_n), x.dtype) if epilogue == "residual" else None
 
     def chain(count: int) -> mx.array:
         h = x
         for i in range(count):
             q, s, b = weights[i % len(weights)]
-            y = fused_quantized_matmul(h, q, s, b, GS, config=cfg)
-            h = y[:, :k] if n >= k else mx.tile(y, (1, k // n))
+            y = fused_quantized_matmul(
+                h, q, s, b, GS, config=cfg, epilogue=epilogue, residual=residual
+            )
+            h = y[:, :k] if out_n >= k else mx.tile(y, (1, k // out_n))
         return h
 
     mx.eval(chain(4))

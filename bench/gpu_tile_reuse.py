@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,6 +37,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import mlx.core as mx  # noqa: E402
 from gpu_qmm import random_qweight, rel_err  # noqa: E402
+from gpu_staged_qmm import chained_us  # noqa: E402
 
 import mlx_llm_server.kernels.quantized_linear as ql  # noqa: E402
 from mlx_llm_server.kernels.quantized_linear import (  # noqa: E402
@@ -131,32 +131,6 @@ def part_check(rows: list[int]) -> bool:
         mx.clear_cache()
     print(f"\ncorrectness: {'all ok' if ok else 'FAILED'}", flush=True)
     return ok
-
-
-def chained_us(
-    x: mx.array, weights: list, cfg: FusedConfig, n: int, k: int, epilogue: str
-) -> float:
-    m = x.shape[0]
-    out_n = n // 2 if epilogue == "swiglu" else n
-    residual = mx.zeros((m, out_n), mx.bfloat16) if epilogue == "residual" else None
-
-    def chain(count: int) -> mx.array:
-        h = x
-        for i in range(count):
-            y = call(h, weights[i % len(weights)], cfg, epilogue, residual)
-            h = y[:, :k] if out_n >= k else mx.tile(y, (1, k // out_n))
-        return h
-
-    mx.eval(chain(4))
-    times = []
-    for _ in range(5):
-        out = chain(48)
-        mx.synchronize()
-        started = time.perf_counter()
-        mx.eval(out)
-        mx.synchronize()
-        times.append((time.perf_counter() - started) / 48)
-    return sorted(times)[2] * 1e6
 
 
 def part_table(rows: list[int]) -> None:
