@@ -57,7 +57,7 @@ LAYERS = [
 ]
 
 
-def variants(m: int, n: int) -> list[tuple[str, FusedConfig]]:
+def variants(m: int, n: int, narrow: bool) -> list[tuple[str, FusedConfig]]:
     out = [("unstaged", ql._unstaged_config(m, n))]
     for min_width, cfg in STAGED_RT1_BY_WIDTH:
         if n >= min_width and n % (16 * cfg.nw) == 0:
@@ -65,7 +65,7 @@ def variants(m: int, n: int) -> list[tuple[str, FusedConfig]]:
             break
     mt = 8 if m > 32 else 4
     candidates = [("rt2", mt_, 2, kw, nw) for mt_, nw, kw in RT2_SHAPES if mt_ <= mt]
-    if narrow_sweep and n <= 4096:
+    if narrow and n <= 4096:
         candidates += [("unstaged", *shape, 1) for shape in NARROW_UNSTAGED]
         candidates += [("rt1", mt_, 1, kw, nw) for mt_, nw, kw in NARROW_STAGED]
     for kind, mt_, rt, kw, nw in candidates:
@@ -75,7 +75,6 @@ def variants(m: int, n: int) -> list[tuple[str, FusedConfig]]:
     return out
 
 
-narrow_sweep = False
 # The staged kernel's shapes before two tiles a warp (rt 1), by smallest width.
 STAGED_RT1_BY_WIDTH = (
     (65536, FusedConfig(mt=4, rt=1, kw=1, nw=8)),
@@ -97,12 +96,12 @@ def call(
     return fused_quantized_matmul(x, q, s, b, GS, config=cfg, epilogue=epilogue, residual=residual)
 
 
-def part_check(rows: list[int]) -> bool:
+def part_check(layers: list[tuple], rows: list[int], narrow: bool) -> bool:
     print("\n## 1. Correctness (max |a-b| / max |b|)\n", flush=True)
     print("| layer | rows | variant | vs same kernel + MLX op | vs stock + MLX op | ok |")
     print("|---|---:|---|---:|---:|---|")
     ok = True
-    for name, n, k, epilogue in LAYERS:
+    for name, n, k, epilogue in layers:
         weights = random_qweight(n, k)
         q, s, b = weights
         for m in rows:
@@ -114,7 +113,7 @@ def part_check(rows: list[int]) -> bool:
             stock = apply_epilogue(
                 mx.quantized_matmul(x, q, s, b, group_size=GS, bits=4), epilogue, residual
             )
-            for label, cfg in variants(m, n):
+            for label, cfg in variants(m, n, narrow):
                 y = call(x, weights, cfg, epilogue, residual)
                 plain = apply_epilogue(call(x, weights, cfg, "none", None), epilogue, residual)
                 mx.eval(y, plain, stock)
@@ -133,10 +132,10 @@ def part_check(rows: list[int]) -> bool:
     return ok
 
 
-def part_table(rows: list[int]) -> None:
+def part_table(layers: list[tuple], rows: list[int], narrow: bool) -> None:
     print("\n## 2. Microseconds a call (dependent calls, bf16, group 64)\n", flush=True)
     sums: dict[tuple[int, str], float] = {}
-    for name, n, k, epilogue in LAYERS:
+    for name, n, k, epilogue in layers:
         nbytes = n * k // 2 + 4 * n * k // GS
         copies = max(2, math.ceil(3 * L2_BYTES / nbytes))
         weights = [random_qweight(n, k) for _ in range(copies)]
@@ -144,7 +143,7 @@ def part_table(rows: list[int]) -> None:
             x = mx.random.normal((m, k)).astype(mx.bfloat16)
             mx.eval(x)
             cells = []
-            for label, cfg in variants(m, n):
+            for label, cfg in variants(m, n, narrow):
                 us = chained_us(x, weights, cfg, n, k, epilogue)
                 cells.append(f"{label} {us:.1f}")
                 sums[(m, label)] = sums.get((m, label), 0.0) + us
@@ -165,15 +164,13 @@ def main() -> int:
     parser.add_argument("--layers", default="", help="only layers whose name has this text")
     parser.add_argument("--narrow", action="store_true", help="more 4,096-wide layer shapes")
     args = parser.parse_args()
-    global narrow_sweep, LAYERS
-    narrow_sweep = args.narrow
-    LAYERS = [layer for layer in LAYERS if args.layers in layer[0]]
+    layers = [layer for layer in LAYERS if args.layers in layer[0]]
     parts = {int(p) for p in args.parts.split(",")}
     ok = True
     if 1 in parts:
-        ok = part_check([int(r) for r in args.rows.split(",")])
+        ok = part_check(layers, [int(r) for r in args.rows.split(",")], args.narrow)
     if 2 in parts:
-        part_table([int(r) for r in args.timing_rows.split(",")])
+        part_table(layers, [int(r) for r in args.timing_rows.split(",")], args.narrow)
     return 0 if ok else 1
 
 

@@ -863,7 +863,7 @@ _staged_min_rows = STAGED_MIN_ROWS
 # or for o/down an unstaged shape other than the default; None keeps the default. The fastest
 # shapes of dependent calls with each layer's epilogue at 48 and 64 rows on an H200
 # (bench/gpu_tile_reuse.py; bench/NOTES.md).
-_STAGED_BY_WIDTH: tuple[tuple[int, FusedConfig | None], ...] = (
+_BATCHED_BY_WIDTH: tuple[tuple[int, FusedConfig | None], ...] = (
     (65536, FusedConfig(mt=4, rt=1, kw=1, nw=8)),  # an output head
     (16384, FusedConfig(mt=8, rt=2, kw=1, nw=4)),  # fused gate/up
     (4097, FusedConfig(mt=4, rt=2, kw=2, nw=2)),  # fused q/k/v, gate or up alone
@@ -878,7 +878,7 @@ def _default_fused_config(m: int, n: int) -> FusedConfig:
     """Tile shape for ``m`` rows of an ``n``-feature layer: the unstaged kernel's default below
     ``_staged_min_rows``, then the shape measured fastest for the layer's width."""
     if m >= _staged_min_rows:
-        for min_width, cfg in _STAGED_BY_WIDTH:
+        for min_width, cfg in _BATCHED_BY_WIDTH:
             if n >= min_width:
                 if cfg is not None and n % (16 * cfg.rt * cfg.nw) == 0:
                     return cfg
