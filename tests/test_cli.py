@@ -92,16 +92,21 @@ def test_cuda_defaults_apply_on_cuda_only_and_yield_to_the_user(monkeypatch: obj
     from mlx_llm_server import cli
 
     mp = monkeypatch  # pytest's MonkeyPatch
-    mp.delenv("MLX_CUDA_USE_CUDNN_SDPA", raising=False)  # type: ignore[attr-defined]
+    for name in ("MLX_CUDA_USE_CUDNN_SDPA", "MLX_MAX_OPS_PER_BUFFER"):
+        mp.delenv(name, raising=False)  # type: ignore[attr-defined]
     mp.setattr(mx.cuda, "is_available", lambda: False)  # type: ignore[attr-defined]
     cli.apply_cuda_defaults()
     assert "MLX_CUDA_USE_CUDNN_SDPA" not in os.environ
+    assert "MLX_MAX_OPS_PER_BUFFER" not in os.environ  # Metal and CPU keep MLX's own
     mp.setattr(mx.cuda, "is_available", lambda: True)  # type: ignore[attr-defined]
     cli.apply_cuda_defaults()
     assert os.environ["MLX_CUDA_USE_CUDNN_SDPA"] == "0"
+    assert os.environ["MLX_MAX_OPS_PER_BUFFER"] == "10"
     mp.setenv("MLX_CUDA_USE_CUDNN_SDPA", "1")  # type: ignore[attr-defined]
+    mp.setenv("MLX_MAX_OPS_PER_BUFFER", "30")  # type: ignore[attr-defined]
     cli.apply_cuda_defaults()
     assert os.environ["MLX_CUDA_USE_CUDNN_SDPA"] == "1"
+    assert os.environ["MLX_MAX_OPS_PER_BUFFER"] == "30"
 
 
 def test_buffer_cache_is_capped_never_raised() -> None:
