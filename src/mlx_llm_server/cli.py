@@ -476,7 +476,7 @@ def _restart_with_openblas(argv: Sequence[str] | None) -> None:
 # each on an H100); without it, prompts take the composed path and new lengths cost nothing
 # extra. MLX hands the device its queued kernels every 30 operations on an H100/H200; every 10
 # lets the device start a step's first layers while the host still queues the rest: 64-stream
-# decode steps 16 -> 12-13 ms over HTTP, one stream within its run-to-run spread (bench/NOTES.md).
+# decode steps 16-17 -> 12-13 ms over HTTP, one stream within its run-to-run spread (bench/NOTES.md).
 CUDA_DEFAULTS = {"MLX_CUDA_USE_CUDNN_SDPA": "0", "MLX_MAX_OPS_PER_BUFFER": "10"}
 
 
