@@ -39,6 +39,35 @@ def test_defaults_are_the_specified_ones() -> None:
     assert not build_parser().parse_args(["--no-fused-epilogues"]).fused_epilogues
     assert args.folded_norm_rows == 0  # measured slower over HTTP at one row
     assert build_parser().parse_args(["--folded-norm-rows", "8"]).folded_norm_rows == 8
+    # Dense copies of the weights cost ~3.5x their memory: only when asked for.
+    assert not args.dense_weights and args.dense_weights_rows == 33
+    dense = build_parser().parse_args(["--dense-weights", "--dense-weights-rows", "16"])
+    assert dense.dense_weights and dense.dense_weights_rows == 16
+
+
+def test_dense_weight_rows_must_be_positive() -> None:
+    result = run_cli("--dense-weights-rows", "0")
+    assert result.returncode == 2
+    assert "--dense-weights-rows: must be at least 1, not 0" in result.stderr
+
+
+def test_dense_weights_that_would_crowd_the_device_stop_start_up(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import mlx.core as mx
+
+    import mlx_llm_server.kernels.quantized_linear as ql
+    from mlx_llm_server.cli import check_dense_weights_fit
+
+    monkeypatch.setattr(ql, "dense_weight_bytes", lambda model: 30 * 10**9)
+    monkeypatch.setattr(mx, "get_active_memory", lambda: 10 * 10**9)
+    monkeypatch.setattr(mx, "device_info", lambda: {"total_memory": 48 * 10**9})
+    with pytest.raises(ValueError, match="--dense-weights needs 30.0 GB more device memory"):
+        check_dense_weights_fit(object())
+    monkeypatch.setattr(mx, "device_info", lambda: {"total_memory": 80 * 10**9})
+    check_dense_weights_fit(object())  # 40 of 80 GB: fits
+    monkeypatch.setattr(mx, "device_info", lambda: {"device_name": "cpu"})
+    check_dense_weights_fit(object())  # no size known: not checked
 
 
 def test_compiled_decode_rows_default_by_device() -> None:

@@ -249,3 +249,59 @@ def test_fused_epilogues_decode_bit_for_bit(
         assert calls and all(kind == "none" for kind, _ in calls)  # nothing folded in either
     finally:
         ql.set_fused_epilogues(True)
+
+
+def test_dense_weights_decode_like_dequantize_and_matmul(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As on an NVIDIA GPU with `--dense-weights`: prompts and batched decode steps of at least
+    the given rows multiply with the dense copies, through compiled blocks and the model's own;
+    bit for bit what dequantize + matmul gives on the same 4-bit weights. One row keeps the
+    4-bit kernel (its MLX reference stands in here)."""
+    import mlx.nn as nn
+
+    import mlx_llm_server.kernels.quantized_linear as ql
+
+    rows_seen: list[int] = []
+
+    def stand_in(x, *args, **options):  # type: ignore[no-untyped-def]
+        rows_seen.append(x.size // x.shape[-1])
+        return ql.reference_fused_matmul(x, *args, **options)
+
+    monkeypatch.setattr(ql, "_cuda_build", lambda: True)
+    monkeypatch.setattr(ql, "_on_gpu", lambda: True)
+    monkeypatch.setattr(ql, "fused_quantized_matmul", stand_in)
+    folder = build_tiny_qwen3(
+        tmp_path / "kernel-sized",
+        hidden_size=256,
+        head_dim=64,
+        intermediate_size=512,
+        vocab_size=8192,
+        eos_token_id=2,
+    )
+
+    def served() -> nn.Module:
+        model = load(str(folder)).model
+        model.set_dtype(mx.bfloat16)
+        nn.quantize(model, group_size=64, bits=4)
+        mx.eval(model.parameters())
+        fuse_projections(model, force=True)
+        ql.accelerate_quantized_layers(model, force=True)
+        compile_decode_blocks(model)
+        return model
+
+    dense, reference = served(), served()
+    try:
+        assert ql.keep_dense_weights(dense, 3) == ql.dense_weight_bytes(dense) > 0
+        for _, module in reference.named_modules():
+            if isinstance(module, ql.AcceleratedQuantizedLinear | ql.AcceleratedQuantizedEmbedding):
+                module.force_path = "dequant"
+        for mine, theirs in zip(
+            decode_batched(dense, PROMPTS, 5), decode_batched(reference, PROMPTS, 5), strict=True
+        ):
+            assert mx.array_equal(mine, theirs)
+        assert not rows_seen  # prompts and 3-row steps: all on the dense copies
+        decode_alone(dense, PROMPTS[1], 2)
+        assert rows_seen and set(rows_seen) == {1}  # one row: the 4-bit kernel
+    finally:
+        ql._dense_min_rows = ql.DENSE_MIN_ROWS

@@ -17,7 +17,7 @@ import uvicorn
 
 from .api import AppState, create_app
 from .engine.engine import Engine, EngineConfig, EngineModel
-from .kernels.quantized_linear import NORM_MAX_ROWS, STAGED_MIN_ROWS
+from .kernels.quantized_linear import DENSE_MIN_ROWS, NORM_MAX_ROWS, STAGED_MIN_ROWS
 from .metrics import ServerMetrics
 from .models.loader import LoadedModel, ModelLoadError, load, resolve_model_path
 from .models.registry import model_registry
@@ -36,6 +36,13 @@ DEFAULT_MODEL = "mlx-community/Qwen3-8B-4bit"
 DEFAULT_PORT = 9044
 
 logger = logging.getLogger("mlx_llm_server")
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -191,6 +198,21 @@ def build_parser() -> argparse.ArgumentParser:
         "shared memory on the wider layers (default: %(default)s; above 64: never)",
     )
     parser.add_argument(
+        "--dense-weights",
+        action="store_true",
+        help="on NVIDIA GPUs, keep a dense (bf16/fp16) copy of the 4-bit weights, about 3.5x "
+        "their size more device memory, for batched decode steps and prompts: faster when many "
+        "users decode at once (default: off)",
+    )
+    parser.add_argument(
+        "--dense-weights-rows",
+        type=positive_int,
+        default=DENSE_MIN_ROWS,
+        metavar="ROWS",
+        help="with --dense-weights, matmuls of this many rows or more use the dense copy "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
         "--custom-model",
         action="append",
         default=[],
@@ -342,6 +364,26 @@ def model_specs(args: argparse.Namespace) -> list[ModelSpec]:
     return specs
 
 
+def check_dense_weights_fit(model: object) -> None:
+    """Stops start-up with one sentence when `--dense-weights` would not leave the device a
+    quarter of its memory (for the KV caches and a step's temporaries)."""
+    import mlx.core as mx
+
+    from .kernels.quantized_linear import dense_weight_bytes
+
+    info = mx.device_info()
+    total = info.get("memory_size", info.get("total_memory"))  # Metal's name, CUDA's
+    if not isinstance(total, int):
+        return
+    needed = dense_weight_bytes(model)  # type: ignore[arg-type]
+    if mx.get_active_memory() + needed > 0.75 * total:
+        raise ValueError(
+            f"--dense-weights needs {needed / 1e9:.1f} GB more device memory; with the model's "
+            f"{mx.get_active_memory() / 1e9:.1f} GB that leaves less than a quarter of the "
+            f"device's {total / 1e9:.1f} GB: run without it"
+        )
+
+
 # Decode steps of up to this many rows (the default batch: all) replay compiled blocks on NVIDIA
 # GPUs. Over HTTP on H200s they took one-row steps from 6.6 to 5.0 ms and from 8.2-8.5 to
 # 7.3-7.7 (with the fused kernel on every layer), and 64-row steps from 22.1 to 19.8 ms on one
@@ -373,6 +415,7 @@ def model_starter(
             from .kernels.quantized_linear import (
                 accelerate_quantized_layers,
                 cuda_gpu_is_default,
+                keep_dense_weights,
                 set_folded_norm_rows,
                 set_fused_epilogues,
                 set_one_row_fused,
@@ -400,6 +443,17 @@ def model_starter(
             if replaced:
                 logger.info(
                     "%s: %d quantized layers use the batched GPU path", spec.model_id, replaced
+                )
+            if args.dense_weights and not replaced:
+                logger.warning("--dense-weights applies to 4-bit models on NVIDIA GPUs only")
+            elif args.dense_weights:
+                check_dense_weights_fit(model.model)
+                kept = keep_dense_weights(model.model, args.dense_weights_rows)
+                logger.info(
+                    "%s: dense weights (%.2f GB) for matmuls of %d rows or more",
+                    spec.model_id,
+                    kept / 1e9,
+                    args.dense_weights_rows,
                 )
             # Batched decode attention without a padding mask (models that offer it: Qwen3).
             if enable_batch_decode_attention(model.model):

@@ -46,7 +46,10 @@ class _Entry:
 def model_nbytes(served: ServedModel) -> int:
     from mlx.utils import tree_flatten
 
-    return sum(v.nbytes for _, v in tree_flatten(served.loaded.model.parameters()))
+    from .kernels.quantized_linear import kept_dense_bytes
+
+    model = served.loaded.model
+    return sum(v.nbytes for _, v in tree_flatten(model.parameters())) + kept_dense_bytes(model)
 
 
 def estimate_nbytes(path: Path) -> int:

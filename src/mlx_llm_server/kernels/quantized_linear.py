@@ -38,11 +38,14 @@ __all__ = [
     "apply_epilogue",
     "choose_path",
     "cuda_gpu_is_default",
+    "dense_weight_bytes",
     "dequantize_matmul",
     "fused_epilogues_apply",
     "fused_quantized_matmul",
     "fused_supported",
     "interleave_gate_up",
+    "keep_dense_weights",
+    "kept_dense_bytes",
     "kernel_name",
     "kernel_source",
     "launch_shape",
@@ -904,9 +907,19 @@ def set_one_row_fused(every_layer: bool) -> None:
     _one_row_min_weights = 0 if every_layer else _FUSED_ONE_ROW_MIN_WEIGHTS
 
 
-def choose_path(m: int, n: int, k: int) -> str:
-    """'fused', 'dequant' or 'stock' for a supported (N=n, K=k) layer called on ``m`` rows."""
+# Default of `--dense-weights-rows`: calls of this many rows or more multiply with a layer's dense
+# copy of its weights where `--dense-weights` keeps one (bench/NOTES.md, "H200: dense copies of
+# the weights for batched steps").
+DENSE_MIN_ROWS = 33
+_dense_min_rows = DENSE_MIN_ROWS
+
+
+def choose_path(m: int, n: int, k: int, dense: bool = False) -> str:
+    """'dense', 'fused', 'dequant' or 'stock' for a supported (N=n, K=k) layer called on ``m``
+    rows; 'dense' only where the layer keeps a dense copy of its weights (``dense``)."""
     weights = n * k
+    if dense and m >= _dense_min_rows:
+        return "dense"
     if m >= _DEQUANT_MIN_ROWS and weights >= _DEQUANT_MIN_WEIGHTS:
         return "dequant"
     if m > _FUSED_MAX_ROWS or (m == 1 and weights < _one_row_min_weights):
@@ -954,7 +967,7 @@ def _path(module: nn.Module, x: mx.array) -> tuple[str, bool]:
     m = x.size // k
     path = "stock"
     if module._fast and x.dtype == module["scales"].dtype:
-        path = choose_path(m, module["weight"].shape[0], k)
+        path = choose_path(m, module["weight"].shape[0], k, module._dense_weight is not None)
     # Several batch entries: one 2-D call instead of a GEMV per entry.
     return path, path == "stock" and x.ndim > 2 and m > x.shape[-2]
 
@@ -967,6 +980,14 @@ def _quantized_matmul(
         path, flatten = _path(module, x)
     if path == "fused":
         return fused_quantized_matmul(x, w, scales, biases, module.group_size)
+    if path == "dense":
+        # As (rows, K): given (B, 1, K) a batched matmul would run one product per entry.
+        dense = module._dense_weight
+        if dense is None:
+            raise ValueError("this layer keeps no dense copy of its weights")
+        shape = x.shape
+        y = x.reshape(-1, shape[-1]) @ dense.T
+        return y.reshape(*shape[:-1], dense.shape[0]) if len(shape) != 2 else y
     if path == "dequant":
         wd = mx.dequantize(
             w, scales, biases, group_size=module.group_size, bits=module.bits, mode=module.mode
@@ -1031,6 +1052,7 @@ class AcceleratedQuantizedLinear(nn.QuantizedLinear):
     gate_up_interleaved: bool = False
     _cuda: bool = False  # CUDA build: flatten batched rows for the stock op
     _fast: bool = False  # and the fused kernel / dequantize paths apply
+    _dense_weight: mx.array | None = None  # `keep_dense_weights`; not a parameter
 
     @classmethod
     def from_quantized(cls, layer: nn.QuantizedLinear) -> AcceleratedQuantizedLinear:
@@ -1108,6 +1130,7 @@ class AcceleratedQuantizedEmbedding(nn.QuantizedEmbedding):
     force_path: str | None = None
     _cuda: bool = False  # CUDA build: flatten batched rows for the stock op
     _fast: bool = False  # and the fused kernel / dequantize paths apply
+    _dense_weight: mx.array | None = None  # `keep_dense_weights`; not a parameter
 
     @classmethod
     def from_quantized(cls, layer: nn.QuantizedEmbedding) -> AcceleratedQuantizedEmbedding:
@@ -1168,6 +1191,57 @@ def accelerate_quantized_layers(model: nn.Module, force: bool = False) -> int:
     if swaps:
         model.update_modules(tree_unflatten(swaps))
     return len(swaps)
+
+
+def dense_weight_bytes(model: nn.Module) -> int:
+    """Bytes that dense copies of ``model``'s accelerated 4-bit layers would take (or take)."""
+    total = 0
+    for _, module in model.named_modules():
+        if isinstance(module, _DENSE_TYPES) and module._fast:
+            rows, words = module["weight"].shape
+            total += rows * words * (32 // module.bits) * module["scales"].dtype.size
+    return total
+
+
+def keep_dense_weights(model: nn.Module, min_rows: int = DENSE_MIN_ROWS) -> int:
+    """Gives every accelerated 4-bit layer of ``model`` a dense copy of its weights, exactly
+    ``mx.dequantize`` of them in the dtype of its scales, with which calls of at least
+    ``min_rows`` rows multiply (one cuBLAS product, no dequantizing per call); fewer rows keep
+    the 4-bit paths. Memory for speed: about 3.5x the 4-bit weights' bytes more. Returns the
+    bytes kept. The copies are no parameters: checkpoints and ``model.parameters()`` stay 4-bit.
+    """
+    global _dense_min_rows
+    if min_rows < 1:
+        raise ValueError(f"dense weights need a row count of at least 1, not {min_rows}")
+    _dense_min_rows = min_rows
+    kept = 0
+    for _, module in model.named_modules():
+        if not isinstance(module, _DENSE_TYPES) or not module._fast:
+            continue
+        dense = mx.dequantize(
+            module["weight"],
+            module["scales"],
+            module["biases"],
+            group_size=module.group_size,
+            bits=module.bits,
+            mode=module.mode,
+        ).astype(module["scales"].dtype)
+        mx.eval(dense)  # one layer at a time: no peak of every layer's temporaries
+        object.__setattr__(module, "_dense_weight", dense)  # outside the parameter tree
+        kept += dense.nbytes
+    return kept
+
+
+def kept_dense_bytes(model: nn.Module) -> int:
+    """Bytes of the dense copies ``keep_dense_weights`` gave ``model``'s layers (0: none)."""
+    return sum(
+        module._dense_weight.nbytes
+        for _, module in model.named_modules()
+        if isinstance(module, _DENSE_TYPES) and module._dense_weight is not None
+    )
+
+
+_DENSE_TYPES = (AcceleratedQuantizedLinear, AcceleratedQuantizedEmbedding)
 
 
 def _rows_like(x: mx.array, residual: mx.array) -> mx.array:
