@@ -62,7 +62,7 @@ def test_dense_weights_that_would_crowd_the_device_stop_start_up(
     monkeypatch.setattr(ql, "dense_weight_bytes", lambda model: 30 * 10**9)
     monkeypatch.setattr(mx, "get_active_memory", lambda: 10 * 10**9)
     monkeypatch.setattr(mx, "device_info", lambda: {"total_memory": 48 * 10**9})
-    with pytest.raises(ValueError, match="--dense-weights needs 30.0 GB more device memory"):
+    with pytest.raises(ValueError, match=r"--dense-weights needs 30\.0 GB more device memory"):
         check_dense_weights_fit(object())
     monkeypatch.setattr(mx, "device_info", lambda: {"total_memory": 80 * 10**9})
     check_dense_weights_fit(object())  # 40 of 80 GB: fits
