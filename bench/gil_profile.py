@@ -6,9 +6,15 @@ they stream. Prints, per thread, the share of samples in which it held the lock,
 functions it held it in. With `--wall`, every thread is sampled whatever it is doing (`--idle`):
 where each thread's wall time goes, waiting for the lock or the device included; a function's
 share there minus its share under `--gil` is time its thread spent in it without the lock.
+With `--native`, C/C++ frames are sampled too (MLX, the CUDA driver): `--under FRAME` then prints
+the tree of the engine thread's stacks below a frame, e.g. what `mlx::core::async_eval` spends its
+time on (MLX's wait for its queue of unfinished work shows as `pthread_cond_wait` directly under
+it). `--summarize FILE` reads a raw file saved before instead of starting a server.
 Needs `py-spy` on PATH and permission to trace the server.
 
     python bench/gil_profile.py --model /tmp/sb/model-qwen3-8b-4bit --clients 1,64 [--wall]
+    python bench/gil_profile.py --model ... --clients 1,64 --wall --native --under mlx::core::async_eval
+    python bench/gil_profile.py --summarize prof.txt --wall --under mlx::core::async_eval
 """
 
 from __future__ import annotations
@@ -53,15 +59,61 @@ def summarize(raw: Path, top: int, expected: int, wall: bool = False) -> None:
             print(f"    {100 * n / total:5.1f}%  {frame[:140]}")
 
 
+def tree(
+    raw: Path, under: str, thread: str = "mlx-engine", depth: int = 8, floor: float = 1.5
+) -> None:
+    """The call tree of ``thread``'s stacks below the first frame holding ``under``, each node's
+    share of those stacks' samples (nodes under ``floor`` percent left out)."""
+    root: dict[str, list] = {}
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        parts = stack.split(";")
+        if not stack or thread not in parts[0]:
+            continue
+        start = next((i for i, frame in enumerate(parts) if under in frame), None)
+        if start is None:
+            continue
+        total += int(count)
+        node = root
+        for frame in parts[start : start + depth]:
+            entry = node.setdefault(frame, [0, {}])
+            entry[0] += int(count)
+            node = entry[1]
+    print(f"  {thread} below {under!r}: {total} samples")
+
+    def show(node: dict[str, list], indent: int) -> None:
+        for frame, (count, children) in sorted(node.items(), key=lambda item: -item[1][0]):
+            if 100 * count / max(total, 1) >= floor:
+                print(f"  {'  ' * indent}{100 * count / total:5.1f}%  {frame[:120]}")
+                show(children, indent + 1)
+
+    show(root, 0)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", type=Path, required=True)
+    parser.add_argument("--model", type=Path)
     parser.add_argument("--clients", default="1,64")
     parser.add_argument("--output-tokens", type=int, default=384)
     parser.add_argument("--seconds", type=int, default=5)
     parser.add_argument("--top", type=int, default=14)
     parser.add_argument("--wall", action="store_true", help="every thread, not the lock's holder")
+    parser.add_argument("--native", action="store_true", help="C/C++ frames too (MLX, CUDA)")
+    parser.add_argument("--under", help="print the engine thread's call tree below this frame")
+    parser.add_argument("--rate", type=int, default=250, help="samples a second")
+    parser.add_argument("--summarize", type=Path, help="a saved py-spy raw file: no server")
     args = parser.parse_args()
+    if args.summarize is not None:
+        samples = sum(
+            int(line.rpartition(" ")[2]) for line in args.summarize.read_text().split("\n") if line
+        )
+        summarize(args.summarize, args.top, samples, wall=True)
+        if args.under:
+            tree(args.summarize, args.under)
+        return 0
+    if args.model is None:
+        parser.error("--model is needed unless --summarize is given")
     log_dir = Path(tempfile.mkdtemp(prefix="gil-profile-"))
     python_path = os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": python_path}
@@ -96,9 +148,10 @@ def main() -> int:
                 "py-spy",
                 "record",
                 "--idle" if args.wall else "--gil",
+                *(["--native"] if args.native else []),
                 "--threads",
                 "--rate",
-                "250",
+                str(args.rate),
                 "--format",
                 "raw",
                 "--duration",
@@ -113,7 +166,9 @@ def main() -> int:
             rate = result[0].throughput if result else float("nan")  # type: ignore[attr-defined]
             print(f"N={clients}: {rate:.1f} tok/s while sampled", flush=True)
             if raw.exists():
-                summarize(raw, args.top, args.seconds * 250, args.wall)
+                summarize(raw, args.top, args.seconds * args.rate, args.wall)
+                if args.under:
+                    tree(raw, args.under)
             else:
                 print("  py-spy wrote nothing (not installed, or not allowed to trace)")
     finally:
