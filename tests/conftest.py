@@ -21,6 +21,26 @@ def qwen3_tokenizer_path() -> Path:
     return qwen3_tokenizer_dir()
 
 
+@pytest.fixture
+def fused_kernel_rows(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
+    """The accelerated 4-bit layers as on an NVIDIA GPU, the fused kernel's MLX reference
+    standing in for the CUDA kernel (bench/ checks the kernel on the device); the list gets the
+    rows of every call the kernel takes."""
+    import mlx_llm_server.kernels.quantized_linear as ql
+
+    rows: list[int] = []
+
+    def stand_in(x, *args, **options):  # type: ignore[no-untyped-def]
+        rows.append(x.size // x.shape[-1])
+        return ql.reference_fused_matmul(x, *args, **options)
+
+    monkeypatch.setattr(ql, "_cuda_build", lambda: True)
+    monkeypatch.setattr(ql, "_on_gpu", lambda: True)
+    monkeypatch.setattr(ql, "fused_quantized_matmul", stand_in)
+    yield rows
+    ql._dense_min_rows = ql.DENSE_MIN_ROWS  # `keep_dense_weights` sets it
+
+
 from collections.abc import Iterator  # noqa: E402
 
 from server_process import ServerProcess, serving  # noqa: E402

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import mlx.core as mx
+import mlx.nn as nn
 import pytest
 from mlx_lm.models.cache import make_prompt_cache
 from model_factory import build_tiny_qwen3
@@ -29,6 +31,28 @@ def models(tiny_qwen3_dir: Path) -> tuple[object, object]:
     assert block.input_layernorm is block.block.input_layernorm
     assert block.self_attn.n_heads == stock.model.layers[0].self_attn.n_heads
     return stock, fast
+
+
+def build_kernel_sized_qwen3(destination: Path) -> Path:
+    """A tiny Qwen3 in the fused 4-bit kernel's sizes: every K (hidden, heads x head_dim,
+    intermediate) a multiple of 256."""
+    return build_tiny_qwen3(
+        destination,
+        hidden_size=256,
+        head_dim=64,
+        intermediate_size=512,
+        vocab_size=8192,
+        eos_token_id=2,
+    )
+
+
+def load_4bit(folder: Path) -> Any:
+    """The model in ``folder``, bf16, quantized to 4 bits as the published checkpoints are."""
+    model = load(str(folder)).model
+    model.set_dtype(mx.bfloat16)
+    nn.quantize(model, group_size=64, bits=4)
+    mx.eval(model.parameters())
+    return model
 
 
 def decode_alone(model: object, prompt: list[int], steps: int) -> list[mx.array]:
@@ -155,8 +179,6 @@ def test_head_kernel_is_left_out_without_a_cuda_gpu(models: tuple[object, object
 
 
 def test_blocks_of_other_architectures_are_left_alone(tmp_path: Path) -> None:
-    import mlx.nn as nn
-
     class Block(nn.Module):  # not one of the listed architectures, whatever its attributes
         def __call__(self, x: mx.array, mask: object = None, cache: object = None) -> mx.array:
             return x
@@ -184,8 +206,6 @@ def test_fused_epilogues_decode_bit_for_bit(
     kernel to do as it stores (and, turned on here, the norms before q/k/v and gate/up). The kernel's MLX reference (`apply_epilogue` on the stock matmul)
     stands in for the CUDA kernel, which bench/gpu_step_anatomy.py part 10 checks on the device;
     decoding stays exact against the plain quantized model, alone and in a padded batch."""
-    import mlx.nn as nn
-
     import mlx_llm_server.kernels.quantized_linear as ql
 
     calls: list[tuple[str, tuple[int, ...]]] = []
@@ -198,24 +218,8 @@ def test_fused_epilogues_decode_bit_for_bit(
     monkeypatch.setattr(ql, "_on_gpu", lambda: True)
     monkeypatch.setattr(ql, "fused_quantized_matmul", stand_in)
     monkeypatch.setattr(ql, "_folded_norm_rows", 8)  # off by default; on here to check it
-    # The fused kernel's sizes: every K (hidden, heads x head_dim, intermediate) a multiple of 256.
-    folder = build_tiny_qwen3(
-        tmp_path / "kernel-sized",
-        hidden_size=256,
-        head_dim=64,
-        intermediate_size=512,
-        vocab_size=8192,
-        eos_token_id=2,
-    )
-
-    def quantized() -> nn.Module:
-        model = load(str(folder)).model
-        model.set_dtype(mx.bfloat16)
-        nn.quantize(model, group_size=64, bits=4)
-        mx.eval(model.parameters())
-        return model
-
-    stock, fast = quantized(), quantized()
+    folder = build_kernel_sized_qwen3(tmp_path / "kernel-sized")
+    stock, fast = load_4bit(folder), load_4bit(folder)
     assert fuse_projections(fast, force=True) > 0
     gate_up = fast.model.layers[0].mlp.gate_up_proj
     assert gate_up.gate_up_interleaved and gate_up.weight.shape[0] == 2 * 512
@@ -240,7 +244,7 @@ def test_fused_epilogues_decode_bit_for_bit(
     ql.set_fused_epilogues(False)
     try:
         calls.clear()
-        plain = quantized()
+        plain = load_4bit(folder)
         fuse_projections(plain, force=True)
         assert not getattr(plain.model.layers[0].mlp.gate_up_proj, "gate_up_interleaved", False)
         ql.accelerate_quantized_layers(plain, force=True)
@@ -252,56 +256,32 @@ def test_fused_epilogues_decode_bit_for_bit(
 
 
 def test_dense_weights_decode_like_dequantize_and_matmul(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, fused_kernel_rows: list[int]
 ) -> None:
     """As on an NVIDIA GPU with `--dense-weights`: prompts and batched decode steps of at least
     the given rows multiply with the dense copies, through compiled blocks and the model's own;
     bit for bit what dequantize + matmul gives on the same 4-bit weights. One row keeps the
-    4-bit kernel (its MLX reference stands in here)."""
-    import mlx.nn as nn
-
+    4-bit kernel."""
     import mlx_llm_server.kernels.quantized_linear as ql
 
-    rows_seen: list[int] = []
+    folder = build_kernel_sized_qwen3(tmp_path / "kernel-sized")
 
-    def stand_in(x, *args, **options):  # type: ignore[no-untyped-def]
-        rows_seen.append(x.size // x.shape[-1])
-        return ql.reference_fused_matmul(x, *args, **options)
-
-    monkeypatch.setattr(ql, "_cuda_build", lambda: True)
-    monkeypatch.setattr(ql, "_on_gpu", lambda: True)
-    monkeypatch.setattr(ql, "fused_quantized_matmul", stand_in)
-    folder = build_tiny_qwen3(
-        tmp_path / "kernel-sized",
-        hidden_size=256,
-        head_dim=64,
-        intermediate_size=512,
-        vocab_size=8192,
-        eos_token_id=2,
-    )
-
-    def served() -> nn.Module:
-        model = load(str(folder)).model
-        model.set_dtype(mx.bfloat16)
-        nn.quantize(model, group_size=64, bits=4)
-        mx.eval(model.parameters())
+    def served() -> Any:
+        model = load_4bit(folder)
         fuse_projections(model, force=True)
         ql.accelerate_quantized_layers(model, force=True)
         compile_decode_blocks(model)
         return model
 
     dense, reference = served(), served()
-    try:
-        assert ql.keep_dense_weights(dense, 3) == ql.dense_weight_bytes(dense) > 0
-        for _, module in reference.named_modules():
-            if isinstance(module, ql.AcceleratedQuantizedLinear | ql.AcceleratedQuantizedEmbedding):
-                module.force_path = "dequant"
-        for mine, theirs in zip(
-            decode_batched(dense, PROMPTS, 5), decode_batched(reference, PROMPTS, 5), strict=True
-        ):
-            assert mx.array_equal(mine, theirs)
-        assert not rows_seen  # prompts and 3-row steps: all on the dense copies
-        decode_alone(dense, PROMPTS[1], 2)
-        assert rows_seen and set(rows_seen) == {1}  # one row: the 4-bit kernel
-    finally:
-        ql._dense_min_rows = ql.DENSE_MIN_ROWS
+    assert ql.keep_dense_weights(dense, 3) == ql.dense_weight_bytes(dense) > 0
+    for _, module in reference.named_modules():
+        if isinstance(module, ql.AcceleratedQuantizedLinear | ql.AcceleratedQuantizedEmbedding):
+            module.force_path = "dequant"
+    for mine, theirs in zip(
+        decode_batched(dense, PROMPTS, 5), decode_batched(reference, PROMPTS, 5), strict=True
+    ):
+        assert mx.array_equal(mine, theirs)
+    assert not fused_kernel_rows  # prompts and 3-row steps: all on the dense copies
+    decode_alone(dense, PROMPTS[1], 2)
+    assert fused_kernel_rows and set(fused_kernel_rows) == {1}  # one row: the 4-bit kernel

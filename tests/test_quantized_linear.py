@@ -141,21 +141,12 @@ def test_tied_embedding_as_linear_matches() -> None:
     assert _rel_err(emb(tokens), model.embed(tokens)) == 0.0
 
 
-def test_dense_weights_serve_calls_of_many_rows(monkeypatch: pytest.MonkeyPatch) -> None:
-    """As on an NVIDIA GPU (the fused kernel's MLX reference stands in for it): with dense copies
-    kept, calls of at least the given rows multiply with them, exactly as dequantize + matmul
-    does; fewer rows keep the 4-bit path. The copies stay out of the parameters."""
+def test_dense_weights_serve_calls_of_many_rows(fused_kernel_rows: list[int]) -> None:
+    """As on an NVIDIA GPU: with dense copies kept, calls of at least the given rows multiply
+    with them, exactly as dequantize + matmul does; fewer rows keep the 4-bit kernel. The copies
+    stay out of the parameters."""
     import mlx_llm_server.kernels.quantized_linear as ql
 
-    used: list[int] = []
-
-    def stand_in(x, *args, **options):  # type: ignore[no-untyped-def]
-        used.append(x.size // x.shape[-1])
-        return ql.reference_fused_matmul(x, *args, **options)
-
-    monkeypatch.setattr(ql, "_cuda_build", lambda: True)
-    monkeypatch.setattr(ql, "_on_gpu", lambda: True)
-    monkeypatch.setattr(ql, "fused_quantized_matmul", stand_in)
     model = _quantized_model()
     before = {key: value for key, value in model.parameters()["layers"][0].items()}
     assert accelerate_quantized_layers(model, force=True) == 4
@@ -164,31 +155,28 @@ def test_dense_weights_serve_calls_of_many_rows(monkeypatch: pytest.MonkeyPatch)
     assert ql.kept_dense_bytes(model) == 0
     with pytest.raises(ValueError, match="at least 1"):
         ql.keep_dense_weights(model, 0)
-    try:
-        assert ql.keep_dense_weights(model, 4) == expected == ql.kept_dense_bytes(model)
-        layer = model.layers[0]
-        assert model.parameters()["layers"][0].keys() == before.keys()  # no new parameter
-        wd = mx.dequantize(layer.weight, layer.scales, layer.biases, group_size=64, bits=4)
-        assert mx.array_equal(layer._dense_weight, wd)
-        assert choose_path(4, 256, 256, dense=True) == "dense"
-        assert choose_path(3, 256, 256, dense=True) == "fused"
-        assert choose_path(4, 256, 256) == "fused"
+    assert ql.keep_dense_weights(model, 4) == expected == ql.kept_dense_bytes(model)
+    layer = model.layers[0]
+    assert model.parameters()["layers"][0].keys() == before.keys()  # no new parameter
+    wd = mx.dequantize(layer.weight, layer.scales, layer.biases, group_size=64, bits=4)
+    assert mx.array_equal(layer._dense_weight, wd)
+    assert choose_path(4, 256, 256, dense=True) == "dense"
+    assert choose_path(3, 256, 256, dense=True) == "fused"
+    assert choose_path(4, 256, 256) == "fused"
 
-        x = mx.random.normal((2, 3, 256)).astype(mx.bfloat16)  # 6 rows as (B, 1, K)-like rows
-        assert mx.array_equal(layer(x), (x.reshape(-1, 256) @ wd.T).reshape(2, 3, 256))
-        residual = mx.random.normal((2, 3, 256)).astype(mx.bfloat16)
-        assert mx.array_equal(layer.add_to(x, residual), residual + layer(x))
-        assert not used  # every call of 6 rows took the dense copy
-        layer(x[:1, :3])  # 3 rows: the 4-bit kernel
-        assert used == [3]
-        tokens = mx.array([[1, 7, 300, 4]])
-        head = model.embed.as_linear(model.embed(tokens))
-        emb = mx.dequantize(
-            model.embed.weight, model.embed.scales, model.embed.biases, group_size=64, bits=4
-        )
-        assert mx.array_equal(head, model.embed(tokens) @ emb.T)
-    finally:
-        ql._dense_min_rows = ql.DENSE_MIN_ROWS
+    x = mx.random.normal((2, 3, 256)).astype(mx.bfloat16)  # 6 rows, batched
+    assert mx.array_equal(layer(x), (x.reshape(-1, 256) @ wd.T).reshape(2, 3, 256))
+    residual = mx.random.normal((2, 3, 256)).astype(mx.bfloat16)
+    assert mx.array_equal(layer.add_to(x, residual), residual + layer(x))
+    assert not fused_kernel_rows  # every call of 6 rows took the dense copy
+    layer(x[:1, :3])  # 3 rows: the 4-bit kernel
+    assert fused_kernel_rows == [3]
+    tokens = mx.array([[1, 7, 300, 4]])
+    head = model.embed.as_linear(model.embed(tokens))
+    emb = mx.dequantize(
+        model.embed.weight, model.embed.scales, model.embed.biases, group_size=64, bits=4
+    )
+    assert mx.array_equal(head, model.embed(tokens) @ emb.T)
 
 
 def test_path_choice_and_support() -> None:
