@@ -178,6 +178,13 @@ def test_dense_weights_serve_calls_of_many_rows(fused_kernel_rows: list[int]) ->
     )
     assert mx.array_equal(head, model.embed(tokens) @ emb.T)
 
+    # An untied head (`lm_head`): the embedding only looks rows up, so it keeps no copy.
+    untied = _quantized_model()
+    untied.lm_head = untied.pop("head")
+    accelerate_quantized_layers(untied, force=True)
+    assert ql.keep_dense_weights(untied, 4) == (2 * 256 * 256 + 512 * 256) * 2
+    assert untied.embed._dense_weight is None and untied.lm_head._dense_weight is not None
+
 
 def test_path_choice_and_support() -> None:
     # Qwen3-8B: q/o 4096x4096, k/v 1024x4096, gate/up 12288x4096, down 4096x12288, head 151936.

@@ -1196,19 +1196,32 @@ def accelerate_quantized_layers(model: nn.Module, force: bool = False) -> int:
     return len(swaps)
 
 
+def _dense_candidates(model: nn.Module) -> list[nn.Module]:
+    """The accelerated 4-bit layers a dense copy would serve: every linear one, and embeddings
+    only where no `lm_head` exists (a tied output head multiplies with the embedding)."""
+    named = model.named_modules()
+    untied = any(name.rsplit(".", 1)[-1] == "lm_head" for name, _ in named)
+    found: dict[int, nn.Module] = {}  # by identity: a module may sit at two paths
+    for _, module in named:
+        linear = isinstance(module, AcceleratedQuantizedLinear)
+        tied_head = isinstance(module, AcceleratedQuantizedEmbedding) and not untied
+        if (linear or tied_head) and module._fast:
+            found[id(module)] = module
+    return list(found.values())
+
+
 def dense_weight_bytes(model: nn.Module) -> int:
-    """Bytes that dense copies of ``model``'s accelerated 4-bit layers would take (or take)."""
+    """Bytes that ``keep_dense_weights`` would keep for ``model``."""
     total = 0
-    for _, module in model.named_modules():
-        if isinstance(module, _DENSE_TYPES) and module._fast:
-            rows, words = module["weight"].shape
-            total += rows * words * (32 // module.bits) * module["scales"].dtype.size
+    for module in _dense_candidates(model):
+        rows, words = module["weight"].shape
+        total += rows * words * (32 // module.bits) * module["scales"].dtype.size
     return total
 
 
 def keep_dense_weights(model: nn.Module, min_rows: int = DENSE_MIN_ROWS) -> int:
-    """Gives every accelerated 4-bit layer of ``model`` a dense copy of its weights, exactly
-    ``mx.dequantize`` of them in the dtype of its scales, with which calls of at least
+    """Gives the accelerated 4-bit layers of ``model`` a dense copy of their weights, exactly
+    ``mx.dequantize`` of them in the dtype of their scales, with which calls of at least
     ``min_rows`` rows multiply (one cuBLAS product, no dequantizing per call); fewer rows keep
     the 4-bit paths. Memory for speed: about 3.5x the 4-bit weights' bytes more. Returns the
     bytes kept. The copies are no parameters: checkpoints and ``model.parameters()`` stay 4-bit.
@@ -1218,9 +1231,7 @@ def keep_dense_weights(model: nn.Module, min_rows: int = DENSE_MIN_ROWS) -> int:
         raise ValueError(f"dense weights need a row count of at least 1, not {min_rows}")
     _dense_min_rows = min_rows
     kept = 0
-    for _, module in model.named_modules():
-        if not isinstance(module, _DENSE_TYPES) or not module._fast:
-            continue
+    for module in _dense_candidates(model):
         dense = mx.dequantize(
             module["weight"],
             module["scales"],
@@ -1237,11 +1248,12 @@ def keep_dense_weights(model: nn.Module, min_rows: int = DENSE_MIN_ROWS) -> int:
 
 def kept_dense_bytes(model: nn.Module) -> int:
     """Bytes of the dense copies ``keep_dense_weights`` gave ``model``'s layers (0: none)."""
-    return sum(
-        module._dense_weight.nbytes
+    kept = {
+        id(module): module._dense_weight.nbytes
         for _, module in model.named_modules()
         if isinstance(module, _DENSE_TYPES) and module._dense_weight is not None
-    )
+    }
+    return sum(kept.values())
 
 
 _DENSE_TYPES = (AcceleratedQuantizedLinear, AcceleratedQuantizedEmbedding)
