@@ -1224,7 +1224,7 @@ def keep_dense_weights(model: nn.Module, min_rows: int = DENSE_MIN_ROWS) -> int:
     ``mx.dequantize`` of them in the dtype of their scales, with which calls of at least
     ``min_rows`` rows multiply (one cuBLAS product, no dequantizing per call); fewer rows keep
     the 4-bit paths. Memory for speed: about 3.5x the 4-bit weights' bytes more. Returns the
-    bytes kept. The copies are no parameters: checkpoints and ``model.parameters()`` stay 4-bit.
+    bytes kept. The copies are not parameters: checkpoints and ``model.parameters()`` stay 4-bit.
     """
     global _dense_min_rows
     if min_rows < 1:
