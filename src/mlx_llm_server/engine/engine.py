@@ -300,10 +300,12 @@ class Engine:
         self._flush()
         self.steps += 1
         # MLX keeps freed buffers for reuse; under steady load it never sees an idle moment, so
-        # it lets go of them after prompt work (large, odd-sized temporaries) and every
-        # CACHE_CLEAR_STEPS decode steps, as mlx-lm's own generation loops do.
+        # it lets go of them every CACHE_CLEAR_STEPS decode steps, as mlx-lm's own generation
+        # loops do. Not after each prompt pass: on NVIDIA GPUs a release waits for the device to
+        # drain, and the buffer cache's own cap (cli.DEFAULT_BUFFER_CACHE_GB) bounds what prompt
+        # work leaves behind.
         periodic = decoded and self.decode_steps % CACHE_CLEAR_STEPS == 0
-        if not self._has_work() or prefilled or periodic:
+        if not self._has_work() or periodic:
             mx.clear_cache()
         if not self._has_work():
             if not self._heap_released:

@@ -1,0 +1,234 @@
+"""Where a decode step's device time goes, read from the device's own clock, in the engine alone.
+
+No profiler reaches the device machine, so this puts one: a one-thread kernel that stores the
+device's nanosecond clock (`%globaltimer`) and depends on one array, so it runs as soon as
+whatever produced that array has finished. Stamps go after each decode block's three parts
+(norm + q/k/v projection + q/k norms and RoPE; the KV-cache writes + attention; o_proj + MLP)
+and after each step's sampled tokens. Differences between consecutive stamps are device time
+between those points, gaps included; the gap before a step's first block is the device waiting
+for the host to hand it the step.
+
+The engine is started as the server starts it (`cli.model_starter`) and serves rounds of users
+as `gpu_prefill_round.py` does (each round first without stamps, then with, so the stamps' own
+cost shows). For each stamped round it prints, per decode step (median over steps of the most
+common row count): the device span from one step's tokens to the next, the gap before its
+first block, each block part summed over the blocks, and the tail (final norm, head, sampling).
+
+    python bench/gpu_device_timeline.py --tokenizer-dir .gpu/tokenizer --rounds 1x136,64x136
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import sys
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "bench"))
+
+_CLOCK_SOURCE = r"""
+  if (threadIdx.x == 0) {
+    unsigned long long now;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
+    clock[0] = now;
+  }
+"""
+
+
+class DeviceClock:
+    """Stamps arrays with the device time at which they were ready; read them after a round."""
+
+    def __init__(self) -> None:
+        import mlx.core as mx
+
+        self.mx = mx
+        self.enabled = False
+        self.step = -1
+        self.rows = 0
+        self.stamps: list[tuple[int, int, str, Any]] = []  # (step, rows, label, clock array)
+        self.kernel = mx.fast.cuda_kernel(
+            name="device_clock_stamp",
+            input_names=["after"],
+            output_names=["clock"],
+            source=_CLOCK_SOURCE,
+            ensure_row_contiguous=False,  # no copy of what it waits for
+        )
+
+    def stamp(self, label: str, after: Any) -> None:
+        if not self.enabled:
+            return
+        (clock,) = self.kernel(
+            inputs=[after],
+            grid=(32, 1, 1),
+            threadgroup=(32, 1, 1),
+            output_shapes=[(1,)],
+            output_dtypes=[self.mx.uint64],
+        )
+        self.stamps.append((self.step, self.rows, label, clock))
+
+    def collect(self) -> dict[int, tuple[int, dict[str, list[int]]]]:
+        """step -> (rows, label -> clock readings in order), nanoseconds."""
+        self.mx.eval([c for *_, c in self.stamps])
+        steps: dict[int, tuple[int, dict[str, list[int]]]] = {}
+        for step, rows, label, clock in self.stamps:
+            steps.setdefault(step, (rows, defaultdict(list)))[1][label].append(int(clock.item()))
+        self.stamps.clear()
+        return steps
+
+
+def install(clock: DeviceClock) -> None:
+    """Wraps decode steps and compiled decode blocks to stamp their parts."""
+    from mlx_llm_server.engine import batch as batch_module
+    from mlx_llm_server.kernels import compiled_decode
+    from mlx_llm_server.kernels.compiled_decode import _CACHES, _offset_array
+
+    step = batch_module.DecodeBatch.step
+
+    def stamped_step(self: Any) -> Any:
+        clock.step += 1
+        clock.rows = len(self.sequences)
+        clock.stamp("start", self.pending.tokens)  # the previous step's tokens: its end
+        read = step(self)
+        clock.stamp("end", self.pending.tokens)
+        return read
+
+    batch_module.DecodeBatch.step = stamped_step  # type: ignore[method-assign]
+    call = compiled_decode.CompiledDecodeBlock.__call__
+
+    def stamped_block(self: Any, x: Any, mask: Any = None, cache: Any = None) -> Any:
+        decoding = (
+            clock.enabled
+            and x.shape[1] == 1
+            and type(cache) in _CACHES
+            and (self.max_rows is None or x.shape[0] <= self.max_rows)
+        )
+        if not decoding:
+            return call(self, x, mask, cache)
+        # The block's own decode path, with a stamp after each part.
+        mx = clock.mx
+        queries, keys, values = self._before(x, _offset_array(cache.offset))
+        clock.stamp("qkv", queries)
+        keys, values = cache.update_and_fetch(keys, values)
+        attention = self.block.self_attn
+        attend = getattr(attention, "attend", None)
+        if attend is not None:
+            attended = attend(queries, keys, values, mask, cache)
+        else:
+            attended = mx.fast.scaled_dot_product_attention(
+                queries, keys, values, scale=attention.scale, mask=mask
+            )
+        clock.stamp("attention", attended)
+        out = self._after(x, attended)
+        clock.stamp("mlp", out)
+        return out
+
+    compiled_decode.CompiledDecodeBlock.__call__ = stamped_block  # type: ignore[method-assign]
+
+
+def report(steps: dict[int, tuple[int, dict[str, list[int]]]], skip: int) -> None:
+    """Per-step medians over the steps of the most common row count."""
+    usable = {s: v for s, v in steps.items() if v[1].get("start") and v[1].get("mlp")}
+    ordered = sorted(usable)[skip:]
+    if len(ordered) < 3:
+        print("too few stamped steps")
+        return
+    rows = Counter(usable[s][0] for s in ordered).most_common(1)[0][0]
+    cells: dict[str, list[float]] = defaultdict(list)
+    per_block: dict[str, list[float]] = defaultdict(list)
+    for s in ordered:
+        count, labels = usable[s]
+        if count != rows or s + 1 not in usable:
+            continue
+        start, end = labels["start"][0], labels["end"][0]
+        qkv, att, mlp = labels["qkv"], labels["attention"], labels["mlp"]
+        blocks = len(mlp)
+        following = usable[s + 1][1]["start"][0]  # == end of this step's tokens
+        ends = [start, *mlp[:-1]]  # what each block starts after
+        parts = {
+            "q/k/v + heads": [q - e for q, e in zip(qkv, ends, strict=True)],
+            "cache write + attention": [a - q for a, q in zip(att, qkv, strict=True)],
+            "o_proj + MLP": [m - a for m, a in zip(mlp, att, strict=True)],
+        }
+        cells["step span (tokens to tokens)"].append((end - start) / 1e3)
+        cells["next step's gap"].append((following - end) / 1e3)
+        for name, values in parts.items():
+            cells[f"{name}, all {blocks} blocks"].append(sum(values) / 1e3)
+            per_block[name].extend(v / 1e3 for v in values[1:])  # block 0 holds the embedding
+        cells["first block's q/k/v incl. embedding"].append(parts["q/k/v + heads"][0] / 1e3)
+        cells["tail: norm, head, sampling"].append((end - mlp[-1]) / 1e3)
+    print(
+        f"{len(cells['step span (tokens to tokens)'])} steps of {rows} rows; median (p10, p90) us"
+    )
+    print("| part | median | p10 | p90 |")
+    print("|---|---:|---:|---:|")
+    for name, values in [*cells.items(), *((f"{k}, one block", v) for k, v in per_block.items())]:
+        ordered_values = sorted(values)
+        p10 = ordered_values[int(0.1 * (len(values) - 1))]
+        p90 = ordered_values[int(0.9 * (len(values) - 1))]
+        print(f"| {name} | {statistics.median(values):,.1f} | {p10:,.1f} | {p90:,.1f} |")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", type=Path, default=Path("/tmp/sb/model-qwen3-8b-4bit"))
+    parser.add_argument("--tokenizer-dir", type=Path)
+    parser.add_argument("--rounds", default="1x136,64x136", help="users x prompt tokens")
+    parser.add_argument("--output-tokens", type=int, default=128)
+    parser.add_argument("--skip-steps", type=int, default=8, help="first steps of a round left out")
+    parser.add_argument("--server-arg", action="append", default=[])
+    args = parser.parse_args()
+    if not (args.model / "config.json").exists():
+        from serve_bench import build_model
+
+        build_model("qwen3-8b-4bit", args.model, args.tokenizer_dir)
+    from gpu_prefill_round import PassLog, run_round
+
+    from mlx_llm_server.cli import (
+        apply_cuda_defaults,
+        build_parser,
+        exit_without_teardown,
+        limit_buffer_cache,
+        model_starter,
+    )
+    from mlx_llm_server.pool import ModelSpec
+
+    server_args = build_parser().parse_args(["--model-name", str(args.model), *args.server_arg])
+    apply_cuda_defaults()
+    limit_buffer_cache(server_args.buffer_cache_gb)
+    clock = DeviceClock()
+    install(clock)
+    log = PassLog()
+    started = time.perf_counter()
+    served = model_starter(server_args, {})(ModelSpec(str(args.model), str(args.model)))
+    print(f"engine ready in {time.perf_counter() - started:.1f} s", flush=True)
+    rounds = [tuple(int(n) for n in r.split("x")) for r in args.rounds.split(",")]
+
+    async def everything() -> None:
+        seed = 0
+        for users, length in rounds:
+            for stamped in (False, True):
+                clock.enabled, clock.step = stamped, -1
+                print(f"\n{'with' if stamped else 'without'} stamps:", end="")
+                await run_round(served.engine, log, users, length, args.output_tokens, 0.0, seed)
+                seed += 1
+                if stamped:
+                    clock.enabled = False
+                    report(clock.collect(), args.skip_steps)
+
+    asyncio.run(everything())
+    served.engine.stop()
+    sys.stdout.flush()
+    exit_without_teardown(0)  # as the server exits: MLX's device state is not torn down
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
