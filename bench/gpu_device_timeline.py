@@ -42,16 +42,25 @@ _CLOCK_SOURCE = r"""
 
 
 class DeviceClock:
-    """Stamps arrays with the device time at which they were ready; read them after a round."""
+    """Stamps arrays with the device time at which they were ready.
+
+    MLX runs a kernel only if something evaluated needs it, so each step's stamps are evaluated
+    with the step's own tokens; they are read back on the engine thread (MLX's streams belong to
+    the thread that made them) two steps later, once the device is surely past them, after the
+    next step is already queued.
+    """
 
     def __init__(self) -> None:
         import mlx.core as mx
 
         self.mx = mx
         self.enabled = False
+        self.in_step = False
         self.step = -1
         self.rows = 0
-        self.stamps: list[tuple[int, int, str, Any]] = []  # (step, rows, label, clock array)
+        self.current: list[tuple[str, Any]] = []
+        self.unread: list[tuple[int, int, list[tuple[str, Any]]]] = []
+        self.read: dict[int, tuple[int, dict[str, list[int]]]] = {}
         self.kernel = mx.fast.cuda_kernel(
             name="device_clock_stamp",
             input_names=["after"],
@@ -70,40 +79,65 @@ class DeviceClock:
             output_shapes=[(1,)],
             output_dtypes=[self.mx.uint64],
         )
-        self.stamps.append((self.step, self.rows, label, clock))
+        self.current.append((label, clock))
+
+    def begin_step(self, rows: int) -> None:
+        self.step += 1
+        self.rows = rows
+        self.current = []
+
+    def finish_step(self) -> None:
+        """Keeps this step's stamps; reads those of two steps ago."""
+        self.unread.append((self.step, self.rows, self.current))
+        self.current = []
+        while self.unread and self.unread[0][0] <= self.step - 2:
+            step, rows, stamps = self.unread.pop(0)
+            labels: dict[str, list[int]] = defaultdict(list)
+            for label, clock in stamps:
+                labels[label].append(int(clock.item()))
+            self.read[step] = (rows, labels)
 
     def collect(self) -> dict[int, tuple[int, dict[str, list[int]]]]:
-        """step -> (rows, label -> clock readings in order), nanoseconds."""
-        self.mx.eval([c for *_, c in self.stamps])
-        steps: dict[int, tuple[int, dict[str, list[int]]]] = {}
-        for step, rows, label, clock in self.stamps:
-            steps.setdefault(step, (rows, defaultdict(list)))[1][label].append(int(clock.item()))
-        self.stamps.clear()
-        return steps
+        """step -> (rows, label -> clock readings in order), nanoseconds; a round's last two
+        steps are left unread."""
+        read, self.read, self.unread = self.read, {}, []
+        return read
 
 
 def install(clock: DeviceClock) -> None:
-    """Wraps decode steps and compiled decode blocks to stamp their parts."""
+    """Wraps decode steps, their evaluation and compiled decode blocks to stamp their parts."""
     from mlx_llm_server.engine import batch as batch_module
     from mlx_llm_server.kernels import compiled_decode
     from mlx_llm_server.kernels.compiled_decode import _CACHES, _offset_array
 
-    step = batch_module.DecodeBatch.step
+    step, evaluate = batch_module.DecodeBatch.step, batch_module.evaluate
 
     def stamped_step(self: Any) -> Any:
-        clock.step += 1
-        clock.rows = len(self.sequences)
+        if not clock.enabled:
+            return step(self)
+        clock.begin_step(len(self.sequences))
         clock.stamp("start", self.pending.tokens)  # the previous step's tokens: its end
-        read = step(self)
-        clock.stamp("end", self.pending.tokens)
-        return read
+        clock.in_step = True
+        try:
+            return step(self)
+        finally:
+            clock.in_step = False
+            clock.finish_step()
+
+    def stamped_evaluate(*arrays: Any, wait: bool = True) -> None:
+        if clock.enabled and clock.in_step:
+            first = arrays[0][0] if isinstance(arrays[0], list) else arrays[0]
+            clock.stamp("end", first)  # the sampled tokens
+            arrays = (*arrays, [c for _, c in clock.current])
+        evaluate(*arrays, wait=wait)
 
     batch_module.DecodeBatch.step = stamped_step  # type: ignore[method-assign]
+    batch_module.evaluate = stamped_evaluate  # type: ignore[assignment]
     call = compiled_decode.CompiledDecodeBlock.__call__
 
     def stamped_block(self: Any, x: Any, mask: Any = None, cache: Any = None) -> Any:
         decoding = (
-            clock.enabled
+            clock.in_step
             and x.shape[1] == 1
             and type(cache) in _CACHES
             and (self.max_rows is None or x.shape[0] <= self.max_rows)
