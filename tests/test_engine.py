@@ -275,36 +275,6 @@ def test_prompts_beyond_one_step_are_prefilled_in_groups(tiny_qwen3_dir: Path) -
         assert output == reference_tokens(tiny_qwen3_dir, prompt, 6)
 
 
-def test_prompt_passes_between_decode_steps_keep_the_buffer_cache(
-    tiny_qwen3_dir: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Prompts prefilled while other rows decode do not release MLX's buffer cache: on an NVIDIA
-    GPU a release waits for the device to drain, stalling the running rows. It is released once
-    the engine is idle (and every CACHE_CLEAR_STEPS decode steps)."""
-    engine = engine_on(tiny_qwen3_dir, max_running=8, prefill_chunk=64)
-    prompts = [list(range(400 + 50 * i, 420 + 50 * i)) for i in range(8)]
-    passes: list[int] = []  # rows decoding at each prompt pass
-    cleared_with_work: list[bool] = []
-    prefill_group = engine._prefill_group
-    real_clear = mx.clear_cache
-
-    def group_spy(group: list[Sequence]) -> object:
-        passes.append(len(engine._batch))
-        return prefill_group(group)
-
-    def clear() -> None:
-        cleared_with_work.append(engine._has_work())
-        real_clear()
-
-    engine._prefill_group = group_spy  # type: ignore[method-assign]
-    monkeypatch.setattr(mx, "clear_cache", clear)
-    outputs = arrive_together(engine, prompts, 6)
-    assert passes == [0, 3, 6]  # two of the passes ran beside decoding rows
-    assert cleared_with_work == [False]  # released once, idle at the end
-    for prompt, output in zip(prompts, outputs, strict=True):
-        assert output == reference_tokens(tiny_qwen3_dir, prompt, 6)
-
-
 def test_out_of_device_memory_in_a_step_is_retried_without_the_buffer_cache(
     tiny_qwen3_dir: Path, references: list[list[int]], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -300,12 +300,13 @@ class Engine:
         self._flush()
         self.steps += 1
         # MLX keeps freed buffers for reuse; under steady load it never sees an idle moment, so
-        # it lets go of them every CACHE_CLEAR_STEPS decode steps, as mlx-lm's own generation
-        # loops do. Not after each prompt pass: on NVIDIA GPUs a release waits for the device to
-        # drain, and the buffer cache's own cap (cli.DEFAULT_BUFFER_CACHE_GB) bounds what prompt
-        # work leaves behind.
+        # it lets go of them after prompt work (large, odd-sized temporaries) and every
+        # CACHE_CLEAR_STEPS decode steps, as mlx-lm's own generation loops do. On NVIDIA GPUs a
+        # release waits for the device to drain, yet keeping the buffers after prompt work was
+        # slower over HTTP at 64 streams (bench/NOTES.md, "H200: a decode step on the device's
+        # own clock").
         periodic = decoded and self.decode_steps % CACHE_CLEAR_STEPS == 0
-        if not self._has_work() or periodic:
+        if not self._has_work() or prefilled or periodic:
             mx.clear_cache()
         if not self._has_work():
             if not self._heap_released:
