@@ -44,9 +44,9 @@ _CLOCK_SOURCE = r"""
 class DeviceClock:
     """Stamps arrays with the device time at which they were ready.
 
-    MLX runs a kernel only if something evaluated needs it, so each step's stamps are evaluated
-    with the step's own tokens, listed first, so that MLX queues each right after what it waits
-    for. They are read back on the engine thread (MLX's streams belong to the thread that made
+    Each stamp is made a dependency of what follows it (`mx.depends`): otherwise MLX queues the
+    stamps wherever its graph order puts them, and they run at once, long after what they wait
+    for (tried: every stamp of a step within a few microseconds). They are read back on the engine thread (MLX's streams belong to the thread that made
     them) at its first decode step after the stamped round, so reading costs the round nothing.
     """
 
@@ -55,6 +55,7 @@ class DeviceClock:
 
         self.mx = mx
         self.enabled = False
+        self.blocks_only = False  # one stamp a block (after its MLP), not three
         self.in_step = False
         self.step = -1
         self.rows = 0
@@ -69,17 +70,19 @@ class DeviceClock:
             ensure_row_contiguous=False,  # no copy of what it waits for
         )
 
-    def stamp(self, label: str, after: Any) -> None:
-        if not self.enabled:
-            return
+    def stamp(self, label: str, after: Any) -> Any:
+        """`after`, made to wait for a stamp of the time it was ready."""
+        if not self.enabled or (self.blocks_only and label in ("qkv", "attention")):
+            return after
         (clock,) = self.kernel(
-            inputs=[after],
+            inputs=[after[0] if isinstance(after, (list, tuple)) else after],
             grid=(32, 1, 1),
             threadgroup=(32, 1, 1),
             output_shapes=[(1,)],
             output_dtypes=[self.mx.uint64],
         )
         self.current.append((label, clock))
+        return self.mx.depends(after, clock)
 
     def begin_step(self, rows: int) -> None:
         self.step += 1
@@ -119,7 +122,8 @@ def install(clock: DeviceClock) -> None:
                 clock.read_back()
             return step(self)
         clock.begin_step(len(self.sequences))
-        clock.stamp("start", self.pending.tokens)  # the previous step's tokens: its end
+        # The previous step's tokens: its end, or when this step reached the device.
+        self.pending.tokens = clock.stamp("start", self.pending.tokens)
         clock.in_step = True
         try:
             return step(self)
@@ -130,7 +134,7 @@ def install(clock: DeviceClock) -> None:
     def stamped_evaluate(*arrays: Any, wait: bool = True) -> None:
         if clock.enabled and clock.in_step:
             first = arrays[0][0] if isinstance(arrays[0], list) else arrays[0]
-            clock.stamp("end", first)  # the sampled tokens
+            clock.stamp("end", first)  # the sampled tokens (nothing follows in this step)
             arrays = ([c for _, c in clock.current], *arrays)
         evaluate(*arrays, wait=wait)
 
@@ -150,7 +154,7 @@ def install(clock: DeviceClock) -> None:
         # The block's own decode path, with a stamp after each part.
         mx = clock.mx
         queries, keys, values = self._before(x, _offset_array(cache.offset))
-        clock.stamp("qkv", queries)
+        queries, keys, values = clock.stamp("qkv", [queries, keys, values])
         keys, values = cache.update_and_fetch(keys, values)
         attention = self.block.self_attn
         attend = getattr(attention, "attend", None)
@@ -160,10 +164,8 @@ def install(clock: DeviceClock) -> None:
             attended = mx.fast.scaled_dot_product_attention(
                 queries, keys, values, scale=attention.scale, mask=mask
             )
-        clock.stamp("attention", attended)
-        out = self._after(x, attended)
-        clock.stamp("mlp", out)
-        return out
+        attended = clock.stamp("attention", attended)
+        return clock.stamp("mlp", self._after(x, attended))
 
     compiled_decode.CompiledDecodeBlock.__call__ = stamped_block  # type: ignore[method-assign]
 
@@ -183,21 +185,26 @@ def report(steps: dict[int, tuple[int, dict[str, list[int]]]], skip: int) -> Non
         if count != rows or s + 1 not in usable:
             continue
         start, end = labels["start"][0], labels["end"][0]
-        qkv, att, mlp = labels["qkv"], labels["attention"], labels["mlp"]
+        mlp = labels["mlp"]
         blocks = len(mlp)
-        following = usable[s + 1][1]["start"][0]  # == end of this step's tokens
+        following = usable[s + 1][1]["start"][0]  # when the next step reached the device
         ends = [start, *mlp[:-1]]  # what each block starts after
-        parts = {
-            "q/k/v + heads": [q - e for q, e in zip(qkv, ends, strict=True)],
-            "cache write + attention": [a - q for a, q in zip(att, qkv, strict=True)],
-            "o_proj + MLP": [m - a for m, a in zip(mlp, att, strict=True)],
-        }
+        if "qkv" in labels:
+            qkv, att = labels["qkv"], labels["attention"]
+            parts = {
+                "q/k/v + heads": [q - e for q, e in zip(qkv, ends, strict=True)],
+                "cache write + attention": [a - q for a, q in zip(att, qkv, strict=True)],
+                "o_proj + MLP": [m - a for m, a in zip(mlp, att, strict=True)],
+            }
+        else:
+            parts = {"whole block": [m - e for m, e in zip(mlp, ends, strict=True)]}
+        first = next(iter(parts))
         cells["step span (tokens to tokens)"].append((end - start) / 1e3)
         cells["next step's gap"].append((following - end) / 1e3)
         for name, values in parts.items():
             cells[f"{name}, all {blocks} blocks"].append(sum(values) / 1e3)
             per_block[name].extend(v / 1e3 for v in values[1:])  # block 0 holds the embedding
-        cells["first block's q/k/v incl. embedding"].append(parts["q/k/v + heads"][0] / 1e3)
+        cells[f"first block's {first} incl. embedding"].append(parts[first][0] / 1e3)
         cells["tail: norm, head, sampling"].append((end - mlp[-1]) / 1e3)
     print(
         f"{len(cells['step span (tokens to tokens)'])} steps of {rows} rows; median (p10, p90) us"
@@ -251,9 +258,10 @@ def main() -> int:
     async def everything() -> None:
         seed = 0
         for users, length in rounds:
-            for stamped in (False, True):
-                clock.enabled, clock.step = stamped, -1
-                print(f"\n{'with' if stamped else 'without'} stamps:", end="")
+            for stamped, blocks_only in ((False, False), (True, True), (True, False)):
+                clock.enabled, clock.blocks_only, clock.step = stamped, blocks_only, -1
+                kind = "block" if blocks_only else "part"
+                print(f"\n{f'with {kind} stamps' if stamped else 'without stamps'}:", end="")
                 await run_round(served.engine, log, users, length, args.output_tokens, 0.0, seed)
                 seed += 1
                 if stamped:
