@@ -30,16 +30,48 @@ __all__ = [
     "reference_decode_attention",
 ]
 
-_WARPS = 8  # warps per block; each takes every 8th position of its row
+_WARPS = 8  # warps per block; each takes every 8th tile of its row's positions
+# Positions a warp takes at a time: their keys and values are loaded together and their scores
+# reduced together, so a warp waits on memory once per tile instead of once per position (with
+# one position a warp iteration the kernel was bound by that latency: 57 us a layer for 64 rows
+# of ~264 positions on an H200, against ~17 us to read them; bench/NOTES.md, "H200: a decode
+# step on the device's own clock").
+POSITIONS_PER_WARP = 4
 
 _HEADER = r"""
 __device__ __forceinline__ float qla_float(__nv_bfloat16 x) { return __bfloat162float(x); }
 __device__ __forceinline__ float qla_float(__half x) { return __half2float(x); }
+
+// N consecutive half-precision values at p (aligned to their size) as floats, in one load
+// where they fill 4, 8 or 16 bytes.
+template <typename TT, int N>
+__device__ __forceinline__ void qla_load(const TT* p, float* out) {
+  if (N * sizeof(TT) == 16) {
+    const uint4 raw = *reinterpret_cast<const uint4*>(p);
+    const TT* e = reinterpret_cast<const TT*>(&raw);
+#pragma unroll
+    for (int i = 0; i < N; ++i) out[i] = qla_float(e[i]);
+  } else if (N * sizeof(TT) == 8) {
+    const uint2 raw = *reinterpret_cast<const uint2*>(p);
+    const TT* e = reinterpret_cast<const TT*>(&raw);
+#pragma unroll
+    for (int i = 0; i < N; ++i) out[i] = qla_float(e[i]);
+  } else if (N * sizeof(TT) == 4) {
+    const uint32_t raw = *reinterpret_cast<const uint32_t*>(p);
+    const TT* e = reinterpret_cast<const TT*>(&raw);
+#pragma unroll
+    for (int i = 0; i < N; ++i) out[i] = qla_float(e[i]);
+  } else {
+#pragma unroll
+    for (int i = 0; i < N; ++i) out[i] = qla_float(p[i]);
+  }
+}
 """
 
 # Block (kv_head, row): each lane holds D / 32 of the head dims, warps stride over the row's
-# positions, each warp keeping an online softmax (running max, sum, output) per query head of
-# the group; the warps' partial results are merged through shared memory at the end.
+# positions P at a time, each warp keeping an online softmax (running max, sum, output) per
+# query head of the group; the warps' partial results are merged through shared memory at the
+# end.
 _SOURCE = r"""
   constexpr int PER = D / 32;
   const int kv_head = blockIdx.x;
@@ -54,8 +86,9 @@ _SOURCE = r"""
 #pragma unroll
   for (int g = 0; g < G; ++g) {
     const T* qp = q + b * q_strides[0] + (kv_head * G + g) * q_strides[1] + lane * PER;
+    qla_load<T, PER>(qp, qv[g]);
 #pragma unroll
-    for (int i = 0; i < PER; ++i) qv[g][i] = qla_float(qp[i]) * SCALE_LOG2;
+    for (int i = 0; i < PER; ++i) qv[g][i] *= SCALE_LOG2;
   }
   float m[G], l[G], o[G][PER];
 #pragma unroll
@@ -67,36 +100,49 @@ _SOURCE = r"""
   }
   const T* kp = k + b * k_strides[0] + kv_head * k_strides[1] + lane * PER;
   const T* vp = v + b * v_strides[0] + kv_head * v_strides[1] + lane * PER;
-#pragma unroll 2
-  for (int pos = start + warp; pos < kL; pos += W) {
-    const T* kr = kp + (size_t)pos * k_strides[2];
-    const T* vr = vp + (size_t)pos * v_strides[2];
-    float kf[PER], vf[PER];
+  for (int base = start + warp * P; base < kL; base += W * P) {
+    float kf[P][PER], vf[P][PER];
+    bool ok[P];
 #pragma unroll
-    for (int i = 0; i < PER; ++i) {
-      kf[i] = qla_float(kr[i]);
-      vf[i] = qla_float(vr[i]);
+    for (int p = 0; p < P; ++p) {
+      ok[p] = base + p < kL;
+      const size_t pos = (size_t)(ok[p] ? base + p : base);  // past the end: read, then skipped
+      qla_load<T, PER>(kp + pos * k_strides[2], kf[p]);
+      qla_load<T, PER>(vp + pos * v_strides[2], vf[p]);
     }
-    float s[G];
+    float s[P][G];
+#pragma unroll
+    for (int p = 0; p < P; ++p)
+#pragma unroll
+      for (int g = 0; g < G; ++g) {
+        s[p][g] = 0.0f;
+#pragma unroll
+        for (int i = 0; i < PER; ++i) s[p][g] += qv[g][i] * kf[p][i];
+      }
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1)
+#pragma unroll
+      for (int p = 0; p < P; ++p)
+#pragma unroll
+        for (int g = 0; g < G; ++g) s[p][g] += __shfl_xor_sync(0xffffffffu, s[p][g], off);
 #pragma unroll
     for (int g = 0; g < G; ++g) {
-      s[g] = 0.0f;
+      float nm = m[g];
 #pragma unroll
-      for (int i = 0; i < PER; ++i) s[g] += qv[g][i] * kf[i];
-    }
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) {
-#pragma unroll
-      for (int g = 0; g < G; ++g) s[g] += __shfl_xor_sync(0xffffffffu, s[g], off);
-    }
-#pragma unroll
-    for (int g = 0; g < G; ++g) {
-      const float nm = fmaxf(m[g], s[g]);
+      for (int p = 0; p < P; ++p)
+        if (ok[p]) nm = fmaxf(nm, s[p][g]);
       const float f = exp2f(m[g] - nm);
-      const float e = exp2f(s[g] - nm);
-      l[g] = l[g] * f + e;
+      l[g] *= f;
 #pragma unroll
-      for (int i = 0; i < PER; ++i) o[g][i] = o[g][i] * f + e * vf[i];
+      for (int i = 0; i < PER; ++i) o[g][i] *= f;
+#pragma unroll
+      for (int p = 0; p < P; ++p) {
+        if (!ok[p]) continue;
+        const float e = exp2f(s[p][g] - nm);
+        l[g] += e;
+#pragma unroll
+        for (int i = 0; i < PER; ++i) o[g][i] += e * vf[p][i];
+      }
       m[g] = nm;
     }
   }
@@ -138,12 +184,12 @@ def _minify(code: str) -> str:
 
 
 @cache
-def _kernel(head_dim: int, group: int, scale: float, dtype: mx.Dtype) -> object:
+def _kernel(head_dim: int, group: int, scale: float, dtype: mx.Dtype, positions: int) -> object:
     bf16 = dtype == mx.bfloat16
     consts = (
         f"using T = {'__nv_bfloat16' if bf16 else '__half'};\n"
         f"constexpr int D = {head_dim};\nconstexpr int G = {group};\n"
-        f"constexpr int W = {_WARPS};\n"
+        f"constexpr int W = {_WARPS};\nconstexpr int P = {positions};\n"
         f"constexpr float SCALE_LOG2 = {scale * math.log2(math.e)!r}f;\n"
     )
     tag = "bf16" if bf16 else "f16"
@@ -188,7 +234,7 @@ def batch_decode_attention(
     kv_heads = keys.shape[1]
     if left_padding.dtype != mx.int32:
         left_padding = left_padding.astype(mx.int32)
-    kernel = _kernel(head_dim, heads // kv_heads, float(scale), queries.dtype)
+    kernel = _kernel(head_dim, heads // kv_heads, float(scale), queries.dtype, POSITIONS_PER_WARP)
     return kernel(  # type: ignore[operator, no-any-return]
         inputs=[queries, keys, values, left_padding],
         grid=(kv_heads * 32 * _WARPS, rows, 1),
