@@ -90,7 +90,7 @@ def timing(tiles: list[int], rows: int, lengths: list[int], calls: int = 50) -> 
                 mx.eval(x)
                 mx.synchronize()
                 best = min(best, (time.perf_counter() - started) / calls * 1e6)
-            cells.append(f"{best:.1f} ({read / best / 1e6:,.0f} GB/s)")
+            cells.append(f"{best:.1f} ({read / best / 1e3:,.0f} GB/s)")  # bytes/us -> GB/s
         print(f"| {length} | {read / 1e6:.1f} MB | " + " | ".join(cells) + " |", flush=True)
 
 
