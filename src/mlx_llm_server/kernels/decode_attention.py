@@ -226,8 +226,9 @@ def batch_decode_attention(
     """Attention of one query position a row over positions [left_padding[b], kL) of row b.
 
     ``queries`` (B, Hq, 1, D); ``keys``/``values`` (B, Hkv, kL, D), read in place (a view of the
-    cache buffer is fine: strides are passed; the head dim must be contiguous, as in KV caches
-    and RoPE outputs); ``left_padding`` (B,) int32. Returns (B, Hq, 1, D) in the query dtype.
+    cache buffer is fine: strides are passed; the head dim must be contiguous and each head
+    start where a whole head could, as in KV caches and RoPE outputs, since a lane reads its
+    D / 32 values in one load); ``left_padding`` (B,) int32. Returns (B, Hq, 1, D) in the query dtype.
     Check ``decode_attention_supported`` first.
     """
     rows, heads, _, head_dim = queries.shape
