@@ -62,20 +62,28 @@ class DeviceClock:
         self.current: list[tuple[str, Any]] = []
         self.unread: list[tuple[int, int, list[tuple[str, Any]]]] = []
         self.read: dict[int, tuple[int, dict[str, list[int]]]] = {}
-        self.kernel = mx.fast.cuda_kernel(
-            name="device_clock_stamp",
-            input_names=["after"],
-            output_names=["clock"],
-            source=_CLOCK_SOURCE,
-            ensure_row_contiguous=False,  # no copy of what it waits for
-        )
+        self.kernels: dict[Any, Any] = {}
+
+    def _kernel(self, dtype: Any) -> Any:
+        # One kernel name per input type: MLX keeps a compiled kernel under its name alone,
+        # and the kernel's signature differs with the type of what it waits for.
+        if dtype not in self.kernels:
+            self.kernels[dtype] = self.mx.fast.cuda_kernel(
+                name=f"device_clock_stamp_{str(dtype).rsplit('.', 1)[-1]}",
+                input_names=["after"],
+                output_names=["clock"],
+                source=_CLOCK_SOURCE,
+                ensure_row_contiguous=False,  # no copy of what it waits for
+            )
+        return self.kernels[dtype]
 
     def stamp(self, label: str, after: Any) -> Any:
         """`after`, made to wait for a stamp of the time it was ready."""
         if not self.enabled or (self.blocks_only and label in ("qkv", "attention")):
             return after
-        (clock,) = self.kernel(
-            inputs=[after[0] if isinstance(after, (list, tuple)) else after],
+        waited = after[0] if isinstance(after, (list, tuple)) else after
+        (clock,) = self._kernel(waited.dtype)(
+            inputs=[waited],
             grid=(32, 1, 1),
             threadgroup=(32, 1, 1),
             output_shapes=[(1,)],
