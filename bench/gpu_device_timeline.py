@@ -1,8 +1,8 @@
 """Where a decode step's device time goes, read from the device's own clock, in the engine alone.
 
 No profiler reaches the device machine, so this puts one: a one-thread kernel that stores the
-device's nanosecond clock (`%globaltimer`) and depends on one array, so it runs as soon as
-whatever produced that array has finished. Stamps go after each decode block's three parts
+device's nanosecond clock (`%globaltimer`) once one array is ready, and which the next
+operation waits for, so it runs as soon as whatever produced that array has finished. Stamps go after each decode block's three parts
 (norm + q/k/v projection + q/k norms and RoPE; the KV-cache writes + attention; o_proj + MLP)
 and after each step's sampled tokens. Differences between consecutive stamps are device time
 between those points, gaps included; the gap before a step's first block is the device waiting
@@ -10,7 +10,8 @@ for the host to hand it the step.
 
 The engine is started as the server starts it (`cli.model_starter`) and serves rounds of users
 as `gpu_prefill_round.py` does (each round first without stamps, then with, so the stamps' own
-cost shows). For each stamped round it prints, per decode step (median over steps of the most
+cost shows; `with block stamps` puts one a block, `with part stamps` three). For each stamped
+round it prints, per decode step (median over steps of the most
 common row count): the device span from one step's tokens to the next, the gap before its
 first block, each block part summed over the blocks, and the tail (final norm, head, sampling).
 
@@ -46,8 +47,9 @@ class DeviceClock:
 
     Each stamp is made a dependency of what follows it (`mx.depends`): otherwise MLX queues the
     stamps wherever its graph order puts them, and they run at once, long after what they wait
-    for (tried: every stamp of a step within a few microseconds). They are read back on the engine thread (MLX's streams belong to the thread that made
-    them) at its first decode step after the stamped round, so reading costs the round nothing.
+    for (tried: every stamp of a step within a few microseconds). They are read back on the
+    engine thread (MLX's streams belong to the thread that made them) at its first decode step
+    after the stamped round, so reading costs the round nothing.
     """
 
     def __init__(self) -> None:
