@@ -95,28 +95,12 @@ def timing(tiles: list[int], rows: int, lengths: list[int], calls: int = 50) -> 
 
 
 def engine_rounds(args: Any, tiles: list[int]) -> None:
-    from gpu_prefill_round import PassLog, run_round
+    from gpu_prefill_round import PassLog, run_round, start_engine
 
-    from mlx_llm_server.cli import (
-        apply_cuda_defaults,
-        build_parser,
-        limit_buffer_cache,
-        model_starter,
-    )
     from mlx_llm_server.kernels import decode_attention as da
-    from mlx_llm_server.pool import ModelSpec
 
-    if not (args.model / "config.json").exists():
-        from serve_bench import build_model
-
-        build_model("qwen3-8b-4bit", args.model, args.tokenizer_dir)
-    server_args = build_parser().parse_args(["--model-name", str(args.model)])
-    apply_cuda_defaults()
-    limit_buffer_cache(server_args.buffer_cache_gb)
     log = PassLog()
-    started = time.perf_counter()
-    served = model_starter(server_args, {})(ModelSpec(str(args.model), str(args.model)))
-    print(f"\nengine ready in {time.perf_counter() - started:.1f} s", flush=True)
+    served = start_engine(args.model, args.tokenizer_dir, [])
     rounds = [tuple(int(n) for n in r.split("x")) for r in args.rounds.split(",")]
 
     async def everything() -> None:

@@ -24,7 +24,6 @@ import argparse
 import asyncio
 import statistics
 import sys
-import time
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
@@ -239,30 +238,14 @@ def main() -> int:
     parser.add_argument("--skip-steps", type=int, default=8, help="first steps of a round left out")
     parser.add_argument("--server-arg", action="append", default=[])
     args = parser.parse_args()
-    if not (args.model / "config.json").exists():
-        from serve_bench import build_model
+    from gpu_prefill_round import PassLog, run_round, start_engine
 
-        build_model("qwen3-8b-4bit", args.model, args.tokenizer_dir)
-    from gpu_prefill_round import PassLog, run_round
+    from mlx_llm_server.cli import exit_without_teardown
 
-    from mlx_llm_server.cli import (
-        apply_cuda_defaults,
-        build_parser,
-        exit_without_teardown,
-        limit_buffer_cache,
-        model_starter,
-    )
-    from mlx_llm_server.pool import ModelSpec
-
-    server_args = build_parser().parse_args(["--model-name", str(args.model), *args.server_arg])
-    apply_cuda_defaults()
-    limit_buffer_cache(server_args.buffer_cache_gb)
     clock = DeviceClock()
     install(clock)
     log = PassLog()
-    started = time.perf_counter()
-    served = model_starter(server_args, {})(ModelSpec(str(args.model), str(args.model)))
-    print(f"engine ready in {time.perf_counter() - started:.1f} s", flush=True)
+    served = start_engine(args.model, args.tokenizer_dir, args.server_arg)
     rounds = [tuple(int(n) for n in r.split("x")) for r in args.rounds.split(",")]
 
     async def everything() -> None:

@@ -146,6 +146,30 @@ def engine_variant(engine: Any, variant: str) -> Iterator[None]:
         engine.config, mx.clear_cache = config, clear
 
 
+def start_engine(model: Path, tokenizer_dir: Path | None, server_args: list[str]) -> Any:
+    """The engine as the server starts it (`cli.model_starter`), on `model` (the Qwen3-8B-shaped
+    4-bit model is built there first if missing); returns the served model."""
+    if not (model / "config.json").exists():
+        from serve_bench import build_model
+
+        build_model("qwen3-8b-4bit", model, tokenizer_dir)
+    from mlx_llm_server.cli import (
+        apply_cuda_defaults,
+        build_parser,
+        limit_buffer_cache,
+        model_starter,
+    )
+    from mlx_llm_server.pool import ModelSpec
+
+    parsed = build_parser().parse_args(["--model-name", str(model), *server_args])
+    apply_cuda_defaults()
+    limit_buffer_cache(parsed.buffer_cache_gb)
+    started = time.perf_counter()
+    served = model_starter(parsed, {})(ModelSpec(str(model), str(model)))
+    print(f"engine ready in {time.perf_counter() - started:.1f} s", flush=True)
+    return served
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -163,26 +187,10 @@ def main() -> int:
     )
     parser.add_argument("--server-arg", action="append", default=[])
     args = parser.parse_args()
-    if not (args.model / "config.json").exists():
-        from serve_bench import build_model
+    from mlx_llm_server.cli import exit_without_teardown
 
-        build_model("qwen3-8b-4bit", args.model, args.tokenizer_dir)
-    from mlx_llm_server.cli import (
-        apply_cuda_defaults,
-        build_parser,
-        exit_without_teardown,
-        limit_buffer_cache,
-        model_starter,
-    )
-    from mlx_llm_server.pool import ModelSpec
-
-    server_args = build_parser().parse_args(["--model-name", str(args.model), *args.server_arg])
-    apply_cuda_defaults()
-    limit_buffer_cache(server_args.buffer_cache_gb)
     log = PassLog()
-    started = time.perf_counter()
-    served = model_starter(server_args, {})(ModelSpec(str(args.model), str(args.model)))
-    print(f"engine ready in {time.perf_counter() - started:.1f} s", flush=True)
+    served = start_engine(args.model, args.tokenizer_dir, args.server_arg)
     rounds = [tuple(int(n) for n in r.split("x")) for r in args.rounds.split(",")]
     spreads = [float(s) / 1e3 for s in args.spread_ms.split(",")]
 
