@@ -12,7 +12,12 @@ from mlx_lm.models.cache import make_prompt_cache
 from model_factory import build_tiny_qwen3
 
 from mlx_llm_server.engine.batch import merge_caches
-from mlx_llm_server.kernels.compiled_decode import CompiledDecodeBlock, compile_decode_blocks
+from mlx_llm_server.kernels import compiled_decode
+from mlx_llm_server.kernels.compiled_decode import (
+    CompiledDecodeBlock,
+    compile_decode_blocks,
+    set_submit_every,
+)
 from mlx_llm_server.kernels.fused_projections import fuse_projections
 from mlx_llm_server.models.loader import load
 
@@ -123,6 +128,36 @@ def test_a_padded_batch_decodes_bit_for_bit(models: tuple[object, object]) -> No
         decode_batched(fast, PROMPTS[:2], 4), decode_batched(stock, PROMPTS[:2], 4), strict=True
     ):
         assert mx.array_equal(ours, theirs)
+
+
+def test_blocks_handed_to_the_device_in_groups_decode_bit_for_bit(
+    models: tuple[object, object], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With `set_submit_every`, a step's blocks start evaluating in groups as they are built;
+    the result stays exact, and steps above the row limit (and prompts) are left whole."""
+    stock, fast = models
+    submitted: list[tuple[int, ...]] = []
+
+    def submit(out: mx.array) -> None:
+        submitted.append(tuple(out.shape))
+        mx.async_eval(out)
+
+    monkeypatch.setattr(compiled_decode, "_submit_every", 0)  # restored after the test
+    layers = len(fast.model.layers)  # type: ignore[attr-defined]
+    assert layers >= 2
+    set_submit_every(1, max_rows=2, submit=submit)
+    assert_decodes_like(fast, stock, PROMPTS[2], alone_steps=5, batched_steps=4)
+    # One row: every block of the 5 steps ...
+    assert submitted.count((1, 1, submitted[0][-1])) == 5 * layers
+    # ... and the three-row batch: never (above max_rows); prompts: never (many tokens a row).
+    assert all(shape[0] == 1 and shape[1] == 1 for shape in submitted)
+    submitted.clear()
+    set_submit_every(layers, max_rows=64, submit=submit)
+    decode_batched(fast, PROMPTS, 3)
+    assert len(submitted) == 3  # one group a step: the last block's output
+    set_submit_every(0)
+    decode_batched(fast, PROMPTS, 2)
+    assert len(submitted) == 3
 
 
 def test_blocks_with_fused_projections_decode_bit_for_bit(

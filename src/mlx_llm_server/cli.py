@@ -165,6 +165,15 @@ def build_parser() -> argparse.ArgumentParser:
         f"(default: {COMPILED_DECODE_ROWS_CUDA} on NVIDIA GPUs, 0 elsewhere; 0 turns them off)",
     )
     parser.add_argument(
+        "--submit-every-blocks",
+        type=int,
+        default=None,
+        metavar="BLOCKS",
+        help="in compiled decode steps, hand the device every BLOCKS transformer blocks as "
+        "they are built instead of the whole step at its end "
+        f"(default: {SUBMIT_EVERY_BLOCKS_CUDA} on NVIDIA GPUs; 0 turns it off)",
+    )
+    parser.add_argument(
         "--fused-head-rope",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -391,6 +400,10 @@ def check_dense_weights_fit(model: object) -> None:
 COMPILED_DECODE_ROWS_CUDA = 64
 
 
+# Compiled decode steps hand the device their blocks in groups of this many as they are built.
+SUBMIT_EVERY_BLOCKS_CUDA = 6
+
+
 def compiled_decode_rows(args: argparse.Namespace, cuda_gpu: bool) -> int | None:
     """The largest decode batch that runs compiled: None for every batch, 0 for none."""
     if args.compiled_decode:
@@ -409,7 +422,8 @@ def model_starter(
         loaded: list[LoadedModel] = []
 
         def setup() -> EngineModel:
-            from .kernels.compiled_decode import compile_decode_blocks
+            from .engine.batch import evaluate
+            from .kernels.compiled_decode import compile_decode_blocks, set_submit_every
             from .kernels.decode_attention import enable_batch_decode_attention
             from .kernels.fused_projections import fuse_projections
             from .kernels.quantized_linear import (
@@ -472,6 +486,10 @@ def model_starter(
                     )
                     # Replayed, the fused kernel's host cost is paid once: it wins at one row.
                     set_one_row_fused(cuda_gpu)
+                    every = args.submit_every_blocks
+                    if every is None:
+                        every = SUBMIT_EVERY_BLOCKS_CUDA if cuda_gpu else 0
+                    set_submit_every(every, submit=lambda out: evaluate(out, wait=False))
             loaded.append(model)
             return EngineModel(model.model, model.vocab_size, grammar_masker=apply_grammar_masks)
 

@@ -27,7 +27,7 @@ from mlx_lm.models.cache import BatchKVCache, KVCache
 from .head_rope import head_rope_for, norm_and_rope, reference_head_rope
 from .quantized_linear import norm_linear, residual_linear, swiglu_linear
 
-__all__ = ["CompiledDecodeBlock", "compile_decode_blocks"]
+__all__ = ["CompiledDecodeBlock", "compile_decode_blocks", "set_submit_every"]
 
 _BLOCK_MODULES = frozenset(
     {
@@ -44,11 +44,16 @@ class CompiledDecodeBlock(nn.Module):
     """Wraps one transformer block; its decode steps run through two compiled functions."""
 
     def __init__(
-        self, block: nn.Module, max_rows: int | None = None, head_rope: bool = True
+        self,
+        block: nn.Module,
+        max_rows: int | None = None,
+        head_rope: bool = True,
+        index: int = 0,
     ) -> None:
         super().__init__()
         self.block = block
         self.max_rows = max_rows  # larger decode batches take the block's own path
+        self.index = index  # the block's place in the model, for `set_submit_every`
         attention, mlp = block.self_attn, block.mlp
         # On NVIDIA GPUs: q/k norms and RoPE as one kernel node (kernels/head_rope.py).
         fused_heads = head_rope_for(attention) if head_rope else None
@@ -111,7 +116,31 @@ class CompiledDecodeBlock(nn.Module):
             attended = mx.fast.scaled_dot_product_attention(
                 queries, keys, values, scale=attention.scale, mask=mask
             )
-        return self._after(x, attended)
+        out = self._after(x, attended)
+        if _submit_every and (self.index + 1) % _submit_every == 0 and x.shape[0] <= _submit_rows:
+            _submit(out)
+        return out
+
+
+# Hand the device the step's first blocks while Python still builds the rest (0: off). Without
+# it MLX sees the step only at the engine's `mx.async_eval` of the sampled tokens; that call
+# returns with at most ~10 command buffers queued (MLX's back-pressure), under a millisecond
+# of one-row work, so the device idles while the host builds the next step (bench/NOTES.md,
+# "H200: a decode step on the device's own clock").
+_submit_every = 0
+_submit_rows = 0
+_submit: Callable[[mx.array], None] = mx.async_eval
+
+
+def set_submit_every(
+    blocks: int, max_rows: int = 64, submit: Callable[[mx.array], None] | None = None
+) -> None:
+    """Decode steps of up to ``max_rows`` rows start evaluating after every ``blocks`` blocks
+    (0: only when the whole step is asked for), through ``submit`` (default `mx.async_eval`;
+    the engine passes its own, which retries once when the device is out of memory)."""
+    global _submit_every, _submit_rows, _submit
+    _submit_every, _submit_rows = max(blocks, 0), max_rows
+    _submit = submit or mx.async_eval
 
 
 _last_offset: tuple[int, mx.array] | None = None
@@ -161,6 +190,6 @@ def compile_decode_blocks(
     for index, block in enumerate(layers):
         if isinstance(block, CompiledDecodeBlock) or not _eligible(block):
             continue
-        layers[index] = CompiledDecodeBlock(block, max_rows, head_rope)
+        layers[index] = CompiledDecodeBlock(block, max_rows, head_rope, index)
         wrapped += 1
     return wrapped

@@ -305,6 +305,7 @@ _STORE_LOOP = r"""
     float s = 0.0f;
 #pragma unroll
     for (int k = 0; k < KW; ++k) s += qlx_red[k * (COLS * LD) + mm * LD + nn];
+/*NORM_SCALE*/
     const size_t o = (size_t)(m0 + mm) * N + n0 + nn;
     y[o] = STORED;
   }
@@ -327,6 +328,7 @@ _STORES = {
       sg += qlx_red[k * (COLS * LD) + mm * LD + nn];
       su += qlx_red[k * (COLS * LD) + mm * LD + nn + 8];
     }
+/*NORM_SCALE_PAIR*/
     const T gate = static_cast<T>(sg);
     const T up = static_cast<T>(su);
     const T one = static_cast<T>(1.0f);
@@ -342,11 +344,12 @@ GATE_UP_RUN = 8  # the "swiglu" epilogue's run length: half the kernel's 16-row 
 # An RMSNorm folded into the unstaged kernel's activation loads (`norm`), for blocks of up to 8
 # rows (MT 1): each block first sums the squares of its rows' whole K, all rows in one pass
 # (cheap at a few rows, an extra read of the activations per 16 output features at many), then
-# scales every activation it loads as MLX's RMSNorm does: w * T(x / rms), rounded to T.
+# multiplies every activation it loads by the norm's weight (one packed multiply a pair) and
+# its sums by the row's 1 / rms as it stores. MLX's RMSNorm rounds x / rms to T before the
+# weight; here x * w is rounded instead: the same function, different bf16 roundings. (The
+# first version rounded as MLX does, at ~40 more instructions per 8 activations loaded; a
+# one-row step lost with it, bench/NOTES.md, "H200: the fused kernel's epilogues".)
 NORM_MAX_ROWS = 8
-# Off by default: on an H200 one-row steps were 5.0-5.1 ms over HTTP with it against 3.9-4.1
-# without any epilogue (two pairs, one machine; bench/NOTES.md, "H200: the fused kernel's
-# epilogues").
 _folded_norm_rows = 0
 _NORM_SNIPPETS = {
     "/*NORM_SETUP*/": r"""
@@ -384,22 +387,24 @@ _NORM_SNIPPETS = {
     }
     __syncthreads();
   }
-  float xinv[MT];
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt) xinv[mt] = xok[mt] ? qlx_inv[mt * 8 + g] : 0.0f;
 """,
     "/*NORM_WEIGHT*/": r"""
         const uint4 nwv = reinterpret_cast<const uint4*>(norm_weight)[xcol];
 """,
     "/*NORM_X*/": r"""
           {
-            T* e = reinterpret_cast<T*>(&v);
-            const T* nw = reinterpret_cast<const T*>(&nwv);
+            T2* e = reinterpret_cast<T2*>(&v);
+            const T2* nw = reinterpret_cast<const T2*>(&nwv);
 #pragma unroll
-            for (int i = 0; i < 8; ++i) {
-              e[i] = nw[i] * static_cast<T>(static_cast<float>(e[i]) * xinv[mt]);
-            }
+            for (int i = 0; i < 4; ++i) e[i] = __hmul2(e[i], nw[i]);
           }
+""",
+    "/*NORM_SCALE*/": r"""
+    s *= qlx_inv[mm];
+""",
+    "/*NORM_SCALE_PAIR*/": r"""
+    sg *= qlx_inv[mm];
+    su *= qlx_inv[mm];
 """,
 }
 
@@ -573,7 +578,8 @@ _STAGED_SOURCE = r"""
 def _staged_store(epilogue: str) -> str:
     """The staged kernel's store: the unstaged kernel's, over its own names for the block's
     partial sums, thread count and first output feature."""
-    return _STORES[epilogue].replace("qlx_red", "red").replace("32 * KW", "NT").replace("n0", "nb")
+    store = _STORES[epilogue].replace("/*NORM_SCALE*/", "").replace("/*NORM_SCALE_PAIR*/", "")
+    return store.replace("qlx_red", "red").replace("32 * KW", "NT").replace("n0", "nb")
 
 
 def kernel_name(stem: str, *sources: str) -> str:
@@ -617,6 +623,7 @@ def kernel_source(
     bf16 = dtype == mx.bfloat16
     consts = (
         f"using T = {'__nv_bfloat16' if bf16 else '__half'};\n"
+        f"using T2 = {'__nv_bfloat162' if bf16 else '__half2'};\n"
         f"constexpr int MT = {cfg.mt};\nconstexpr int RT = {cfg.rt};\n"
         f"constexpr int KW = {cfg.kw};\nconstexpr int GS = {group_size};\n"
         f"constexpr bool BF16 = {'true' if bf16 else 'false'};\n"
