@@ -37,8 +37,11 @@ def test_defaults_are_the_specified_ones() -> None:
     assert args.staged_matmul_rows == 33  # the staged kernel from 33 rows, by layer width
     assert args.fused_head_rope and args.fused_epilogues  # both NVIDIA-only, on by default
     assert not build_parser().parse_args(["--no-fused-epilogues"]).fused_epilogues
-    assert args.folded_norm_rows == 0  # measured slower over HTTP at one row
-    assert build_parser().parse_args(["--folded-norm-rows", "8"]).folded_norm_rows == 8
+    assert args.folded_norm_rows == 8  # faster at 1, 2 and 8 rows since it got cheaper
+    assert build_parser().parse_args(["--folded-norm-rows", "0"]).folded_norm_rows == 0
+    # Compiled decode steps hand the device their blocks in groups (6 on NVIDIA GPUs).
+    assert args.submit_every_blocks is None
+    assert build_parser().parse_args(["--submit-every-blocks", "0"]).submit_every_blocks == 0
     # Dense copies of the weights cost ~3.5x their memory: only when asked for.
     assert not args.dense_weights and args.dense_weights_rows == 33
     dense = build_parser().parse_args(["--dense-weights", "--dense-weights-rows", "16"])

@@ -228,7 +228,16 @@ def test_tile_shapes_by_rows_and_width() -> None:
         assert tile_shape(m, 4096) == FusedConfig(mt=4, rt=2, kw=4)  # o/down: unstaged
         assert tile_shape(m, 1024) == FusedConfig(mt=8, rt=1, kw=4)  # the default shape
     assert tile_shape(64, 6160).nw == 1  # not a multiple of the staged block's 64 features
-    assert launch_shape(tile_shape(1, 4096), 1, 4096) == ((256 * 128, 1, 1), (128, 1, 1))
+    # Up to 8 rows, by layer shape (measured at one row): o_proj two tiles a warp and 8 warps
+    # (128 blocks of 256 threads), down_proj's long K 8 warps, gate/up and the head two tiles.
+    assert launch_shape(tile_shape(1, 4096, 4096), 1, 4096) == ((128 * 256, 1, 1), (256, 1, 1))
+    for m in (1, 8):
+        assert tile_shape(m, 4096, 12288) == FusedConfig(mt=1, rt=1, kw=8)
+        assert tile_shape(m, 24576, 4096) == tile_shape(m, 151936, 4096)
+        assert tile_shape(m, 24576, 4096) == FusedConfig(mt=1, rt=2, kw=4)
+        assert tile_shape(m, 6144, 4096) == tile_shape(m, 1024, 4096)
+        assert tile_shape(m, 6144, 4096) == FusedConfig(mt=1, rt=1, kw=4)
+    assert tile_shape(9, 4096, 12288) == FusedConfig(mt=2, rt=1, kw=4)
     # 64 rows of the fused gate/up: 192 blocks of 128 features x 64 rows, 4 warps each.
     assert launch_shape(tile_shape(64, 24576), 64, 24576) == ((192 * 128, 1, 1), (128, 1, 1))
     try:
@@ -246,14 +255,19 @@ def test_every_chosen_tile_shape_fits_an_sm() -> None:
     """Register and shared-memory budgets of the shapes the server picks, by default and with
     the staged kernel from one row (registers as `bench/kernel_build_check.py` reports them:
     96-198 a thread, up to 243 for rt=2)."""
-    chosen = {(m, n): tile_shape(m, n) for m in range(1, 65) for n in QWEN3_8B_WIDTHS}
+    chosen = {
+        (m, n, k): tile_shape(m, n, k)
+        for m in range(1, 65)
+        for n in QWEN3_8B_WIDTHS
+        for k in (4096, 12288)
+    }
     try:
         set_staged_min_rows(1)
-        staged = {(m, n): tile_shape(m, n) for m in range(1, 65) for n in QWEN3_8B_WIDTHS}
+        staged = {(m, n, 0): tile_shape(m, n) for m in range(1, 65) for n in QWEN3_8B_WIDTHS}
     finally:
         set_staged_min_rows(STAGED_MIN_ROWS)
     assert any(cfg.nw > 1 for cfg in staged.values())
-    for (m, n), cfg in [*chosen.items(), *staged.items()]:
+    for (m, n, _), cfg in [*chosen.items(), *staged.items()]:
         _, (threads, _, _) = launch_shape(cfg, m, n)
         assert n % (16 * cfg.rt * cfg.nw) == 0
         registers = 243 if cfg.rt == 2 else 200

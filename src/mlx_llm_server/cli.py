@@ -190,12 +190,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--folded-norm-rows",
         type=int,
-        default=0,
+        default=NORM_MAX_ROWS,
         choices=range(NORM_MAX_ROWS + 1),
         metavar="ROWS",
         help="on NVIDIA GPUs, in compiled decode steps of up to ROWS rows (at most "
         f"{NORM_MAX_ROWS}) the fused 4-bit kernel also applies the RMSNorm before q/k/v and "
-        "gate/up (default: 0, never)",
+        "gate/up (default: %(default)s; 0: never)",
     )
     parser.add_argument(
         "--staged-matmul-rows",

@@ -350,7 +350,7 @@ GATE_UP_RUN = 8  # the "swiglu" epilogue's run length: half the kernel's 16-row 
 # first version rounded as MLX does, at ~40 more instructions per 8 activations loaded; a
 # one-row step lost with it, bench/NOTES.md, "H200: the fused kernel's epilogues".)
 NORM_MAX_ROWS = 8
-_folded_norm_rows = 0
+_folded_norm_rows = 0  # the server turns it on (`--folded-norm-rows`)
 _NORM_SNIPPETS = {
     "/*NORM_SETUP*/": r"""
   __shared__ float qlx_part[KW * COLS];
@@ -699,15 +699,16 @@ _MAX_PLANS = 4096
 def _plan(
     m: int,
     n: int,
+    k: int,
     group_size: int,
     dtype: mx.Dtype,
     config: FusedConfig | None,
     epilogue: str,
     norm_eps: float | None,
 ) -> tuple:
-    cfg = config or _default_fused_config(m, n)
+    cfg = config or _default_fused_config(m, n, k)
     if config is None and norm_eps is not None and cfg.nw > 1:
-        cfg = _unstaged_config(m, n)  # the folded norm is the unstaged kernel's
+        cfg = _unstaged_config(m, n, k)  # the folded norm is the unstaged kernel's
     if norm_eps is not None and m > NORM_MAX_ROWS:
         raise ValueError(f"a folded RMSNorm takes at most {NORM_MAX_ROWS} rows, not {m}")
     if n % (16 * cfg.rt * cfg.nw):
@@ -758,7 +759,7 @@ def fused_quantized_matmul(
         if len(_PLANS) >= _MAX_PLANS:
             _PLANS.clear()
         m = x.size // k
-        plan = _PLANS[key] = _plan(m, n, group_size, scales.dtype, config, epilogue, norm_eps)
+        plan = _PLANS[key] = _plan(m, n, k, group_size, scales.dtype, config, epilogue, norm_eps)
     kernel, grid, threadgroup = plan
     inputs = [x, w, scales, biases]
     if norm is not None:
@@ -853,9 +854,27 @@ def _mt_for(m: int) -> int:
     return 8
 
 
-def _unstaged_config(m: int, n: int) -> FusedConfig:
-    """The unstaged kernel's fastest measured tile shape for ``m`` rows (H100)."""
+# Up to 8 rows (one row tile), by layer shape: the fastest of eight (rt, kw) shapes in dependent
+# one-row calls with each layer's epilogue and folded norm on an H200 (bench/gpu_one_row_tiles.py;
+# bench/NOTES.md, "H200: decode blocks handed over in groups"). More warps a block for the long
+# K of down_proj (54.8 -> 35.3 us), two weight tiles a warp for gate/up and the head (54.4 ->
+# 44.7, 164.3 -> 150.7) and both for o_proj (23.1 -> 18.8); q/k/v kept rt 1, kw 4.
+def _one_tile_config(n: int, k: int) -> FusedConfig:
+    if k >= 8192:
+        return FusedConfig(mt=1, rt=1, kw=8)  # down_proj
+    if n >= 16384 and n % 32 == 0:
+        return FusedConfig(mt=1, rt=2, kw=4)  # fused gate/up, the output head
+    if 4096 <= n < 6144 and n % 32 == 0:
+        return FusedConfig(mt=1, rt=2, kw=8)  # o_proj
+    return FusedConfig(mt=1, rt=1, kw=4)
+
+
+def _unstaged_config(m: int, n: int, k: int = 0) -> FusedConfig:
+    """The unstaged kernel's fastest measured tile shape for ``m`` rows of an (n, k) layer (H100;
+    up to 8 rows, H200)."""
     mt = _mt_for(m)
+    if mt == 1:
+        return _one_tile_config(n, k)
     if mt == 4 and n % 32 == 0:
         return FusedConfig(mt=4, rt=2, kw=8)
     return FusedConfig(mt=mt, rt=1, kw=4)
@@ -886,16 +905,16 @@ _BATCHED_BY_WIDTH: tuple[tuple[int, FusedConfig | None], ...] = (
 )
 
 
-def _default_fused_config(m: int, n: int) -> FusedConfig:
-    """Tile shape for ``m`` rows of an ``n``-feature layer: the unstaged kernel's default below
-    ``_staged_min_rows``, then the shape measured fastest for the layer's width."""
+def _default_fused_config(m: int, n: int, k: int = 0) -> FusedConfig:
+    """Tile shape for ``m`` rows of an ``n``-feature layer of ``k`` inputs: the unstaged kernel's
+    default below ``_staged_min_rows``, then the shape measured fastest for the layer's width."""
     if m >= _staged_min_rows:
         for min_width, cfg in _BATCHED_BY_WIDTH:
             if n >= min_width:
                 if cfg is not None and n % (16 * cfg.rt * cfg.nw) == 0:
                     return cfg
                 break
-    return _unstaged_config(m, n)
+    return _unstaged_config(m, n, k)
 
 
 def set_staged_min_rows(rows: int) -> None:
