@@ -39,9 +39,9 @@ def test_defaults_are_the_specified_ones() -> None:
     assert not build_parser().parse_args(["--no-fused-epilogues"]).fused_epilogues
     assert args.folded_norm_rows == 8  # faster at 1, 2 and 8 rows since it got cheaper
     assert build_parser().parse_args(["--folded-norm-rows", "0"]).folded_norm_rows == 0
-    # Compiled decode steps hand the device their blocks in groups (6 on NVIDIA GPUs).
-    assert args.submit_every_blocks is None
-    assert build_parser().parse_args(["--submit-every-blocks", "0"]).submit_every_blocks == 0
+    # Handing the device a step's blocks in groups: off (one stream over HTTP lost with it).
+    assert args.submit_every_blocks == 0
+    assert build_parser().parse_args(["--submit-every-blocks", "6"]).submit_every_blocks == 6
     # Dense copies of the weights cost ~3.5x their memory: only when asked for.
     assert not args.dense_weights and args.dense_weights_rows == 33
     dense = build_parser().parse_args(["--dense-weights", "--dense-weights-rows", "16"])
@@ -52,6 +52,9 @@ def test_dense_weight_rows_must_be_positive() -> None:
     result = run_cli("--dense-weights-rows", "0")
     assert result.returncode == 2
     assert "--dense-weights-rows: must be at least 1, not 0" in result.stderr
+    result = run_cli("--submit-every-blocks", "-1")
+    assert result.returncode == 2
+    assert "--submit-every-blocks: must be at least 0, not -1" in result.stderr
 
 
 def test_dense_weights_that_would_crowd_the_device_stop_start_up(
