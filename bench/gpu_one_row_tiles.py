@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,6 +28,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import mlx.core as mx  # noqa: E402
 from gpu_qmm import random_qweight  # noqa: E402
+from gpu_staged_qmm import chained_us  # noqa: E402
 
 from mlx_llm_server.kernels.quantized_linear import (  # noqa: E402
     FusedConfig,
@@ -53,28 +53,6 @@ def call(x, weights, cfg, epilogue, residual, norm):  # type: ignore[no-untyped-
     return fused_quantized_matmul(
         x, q, s, b, GS, config=cfg, epilogue=epilogue, residual=residual, norm=norm
     )
-
-
-def chained_us(x, weights, cfg, k, epilogue, residual, norm, as_heads):  # type: ignore[no-untyped-def]
-    def chain(count: int) -> mx.array:
-        h = x
-        for i in range(count):
-            given = h.reshape(1, 32, 1, -1) if as_heads else h
-            y = call(given, weights[i % len(weights)], cfg, epilogue, residual, norm)
-            width = y.shape[-1]
-            h = y[..., :k] if width >= k else mx.tile(y, (1, 1, k // width))
-        return h
-
-    mx.eval(chain(4))
-    times = []
-    for _ in range(5):
-        out = chain(48)
-        mx.synchronize()
-        started = time.perf_counter()
-        mx.eval(out)
-        mx.synchronize()
-        times.append((time.perf_counter() - started) / 48)
-    return sorted(times)[2] * 1e6
 
 
 def main() -> int:
@@ -123,7 +101,7 @@ def main() -> int:
             bad = bool(mx.isnan(y).any().item()) or err > 2e-2
             ok &= not bad
             worst = max(worst, err)
-            us = chained_us(x, weights, cfg, k, epilogue, residual, norm, as_heads and m == 1)
+            us = chained_us(x, weights, cfg, n, k, epilogue, norm, 32 if as_heads else 0)
             cells.append(f"{us:.1f} ({nbytes / us / 1e3:,.0f}){' FAIL' if bad else ''}")
         print(f"| {name} | " + " | ".join(cells) + f" | {worst:.2e} |", flush=True)
         del weights

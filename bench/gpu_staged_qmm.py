@@ -122,22 +122,35 @@ def part_check() -> bool:
 
 
 def chained_us(
-    x: mx.array, weights: list, cfg: FusedConfig, n: int, k: int, epilogue: str = "none"
+    x: mx.array,
+    weights: list,
+    cfg: FusedConfig,
+    n: int,
+    k: int,
+    epilogue: str = "none",
+    norm: tuple[mx.array, float] | None = None,
+    heads: int = 0,
 ) -> float:
     """Median us a call when each call's input is made from the previous call's output, so no
     two calls overlap on the device (as in a decode step); one small copy between calls. With
-    an ``epilogue`` (the kernel's "residual" or "swiglu"), each call applies it as it stores."""
+    an ``epilogue`` (the kernel's "residual" or "swiglu"), each call applies it as it stores;
+    with ``norm`` (an RMSNorm's weight and eps) it is folded in; with ``heads``, each call reads
+    its rows as attention's (rows, heads, 1, D) output. ``x`` is (..., K)."""
     out_n = n // 2 if epilogue == "swiglu" else n
-    residual = mx.zeros((x.shape[0], out_n), x.dtype) if epilogue == "residual" else None
+    residual = None
+    if epilogue == "residual":
+        residual = mx.zeros((*x.shape[:-1], out_n), x.dtype)
+    spread = (*([1] * (x.ndim - 1)), k // out_n if out_n < k else 1)
 
     def chain(count: int) -> mx.array:
         h = x
         for i in range(count):
             q, s, b = weights[i % len(weights)]
+            given = h.reshape(-1, heads, 1, k // heads) if heads else h
             y = fused_quantized_matmul(
-                h, q, s, b, GS, config=cfg, epilogue=epilogue, residual=residual
+                given, q, s, b, GS, config=cfg, epilogue=epilogue, residual=residual, norm=norm
             )
-            h = y[:, :k] if out_n >= k else mx.tile(y, (1, k // out_n))
+            h = y[..., :k] if out_n >= k else mx.tile(y, spread)
         return h
 
     mx.eval(chain(4))
