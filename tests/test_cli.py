@@ -41,6 +41,8 @@ def test_defaults_are_the_specified_ones() -> None:
     assert build_parser().parse_args(["--folded-norm-rows", "0"]).folded_norm_rows == 0
     # Handing the device a step's blocks in groups: off (one stream over HTTP lost with it).
     assert args.submit_every_blocks == 0
+    assert args.event_loop == "auto"  # uvicorn's choice: uvloop where installed
+    assert build_parser().parse_args(["--event-loop", "asyncio"]).event_loop == "asyncio"
     assert build_parser().parse_args(["--submit-every-blocks", "6"]).submit_every_blocks == 6
     # Dense copies of the weights cost ~3.5x their memory: only when asked for.
     assert not args.dense_weights and args.dense_weights_rows == 33

@@ -167,6 +167,10 @@ def start_fault_server(folder: Path, triggers: dict[str, int]) -> ServerProcess:
             str(GRACE_SECONDS),
             "--log-level",
             "warning",
+            # asyncio's own loop here (`--event-loop`); the other servers of the suite run
+            # uvicorn's default, uvloop.
+            "--event-loop",
+            "asyncio",
         ],
         folder / "server.log",
     )

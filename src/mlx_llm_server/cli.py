@@ -275,6 +275,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: %(default)s)",
     )
     parser.add_argument(
+        "--event-loop",
+        choices=("auto", "uvloop", "asyncio"),
+        default="auto",
+        help="the HTTP side's event loop, as uvicorn's --loop (default: auto, uvloop where "
+        "installed)",
+    )
+    parser.add_argument(
         "--access-log-format",
         choices=["text", "json"],
         default="text",
@@ -648,6 +655,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             # Our access line carries the request id; uvicorn's would repeat it without.
             access_log=False,
             timeout_graceful_shutdown=args.shutdown_grace_seconds,  # type: ignore[arg-type]
+            loop=args.event_loop,
         ),
         state,
     )

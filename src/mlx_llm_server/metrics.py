@@ -159,6 +159,9 @@ class RequestTimer:
         self._model = model
         self._started = started
         self._last: float | None = None
+        # The model's series, looked up once: `labels()` costs as much as the observation, and
+        # this runs on the event loop for every streamed token.
+        self._inter_token = None if metrics is None else metrics.inter_token.labels(model)
 
     def token(self, now: float) -> None:
         if self._metrics is None:
@@ -166,7 +169,7 @@ class RequestTimer:
         if self._last is None:
             self._metrics.time_to_first_token.labels(self._model).observe(now - self._started)
         else:
-            self._metrics.inter_token.labels(self._model).observe(now - self._last)
+            self._inter_token.observe(now - self._last)  # type: ignore[union-attr]
         self._last = now
 
     def failed(self) -> None:
