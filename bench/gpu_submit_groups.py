@@ -13,7 +13,8 @@ there if missing):
 2. The engine as the server starts it, rounds of users (`gpu_prefill_round.run_round`) with the
    settings alternating within one engine: ``sN`` hands the device every N blocks of a compiled
    decode step as they are built (`set_submit_every`; s0: the whole step at its end), ``fR``
-   folds the norms in up to R rows (the blocks are traced again), joined with "+".
+   folds the norms in up to R rows (the blocks are traced again; a setting without it folds
+   none, whatever the server's default), joined with "+".
 """
 
 from __future__ import annotations
