@@ -856,7 +856,8 @@ def _mt_for(m: int) -> int:
 
 # Up to 8 rows (one row tile), by layer shape: the fastest of eight (rt, kw) shapes in dependent
 # one-row calls with each layer's epilogue and folded norm on an H200 (bench/gpu_one_row_tiles.py;
-# bench/NOTES.md, "H200: decode blocks handed over in groups"). More warps a block for the long
+# bench/NOTES.md, "H200: decode blocks handed over in groups, one-row tile shapes, a cheaper
+# folded norm"). More warps a block for the long
 # K of down_proj (54.8 -> 35.3 us), two weight tiles a warp for gate/up and the head (54.4 ->
 # 44.7, 164.3 -> 150.7) and both for o_proj (23.1 -> 18.8); q/k/v kept rt 1, kw 4.
 def _one_tile_config(n: int, k: int) -> FusedConfig:
