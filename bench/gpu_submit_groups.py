@@ -114,6 +114,7 @@ def engine_rounds(args: Any) -> None:
     model = served.engine.model
     settings = args.settings.split(",")
     rounds = [tuple(int(n) for n in r.split("x")) for r in args.rounds.split(",")]
+    # On this thread while the engine's thread waits for requests: none has been sent yet.
     if not args.skip_check and not check_fold(model):
         print("the folded norm failed its check: its settings are left out")
         settings = [s for s in settings if "f" not in s]
