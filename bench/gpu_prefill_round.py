@@ -153,12 +153,8 @@ def start_engine(model: Path, tokenizer_dir: Path | None, server_args: list[str]
         from serve_bench import build_model
 
         build_model("qwen3-8b-4bit", model, tokenizer_dir)
-    from mlx_llm_server.cli import (
-        apply_cuda_defaults,
-        build_parser,
-        limit_buffer_cache,
-        model_starter,
-    )
+    from mlx_llm_server.cli import build_parser, model_starter
+    from mlx_llm_server.model_setup import apply_cuda_defaults, limit_buffer_cache
     from mlx_llm_server.pool import ModelSpec
 
     parsed = build_parser().parse_args(["--model-name", str(model), *server_args])

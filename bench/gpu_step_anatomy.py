@@ -77,9 +77,9 @@ def load_model(
     server does it (`fuse`: with q/k/v and gate/up fused, as the server serves it)."""
     import mlx.core as mx
 
-    from mlx_llm_server.cli import CUDA_DEFAULTS, limit_buffer_cache
     from mlx_llm_server.kernels.fused_projections import fuse_projections
     from mlx_llm_server.kernels.quantized_linear import accelerate_quantized_layers
+    from mlx_llm_server.model_setup import CUDA_DEFAULTS, limit_buffer_cache
     from mlx_llm_server.models.loader import load
 
     if not (folder / "config.json").exists():

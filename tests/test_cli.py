@@ -8,14 +8,8 @@ import sys
 
 import pytest
 
-from mlx_llm_server.cli import (
-    COMPILED_DECODE_ROWS_CUDA,
-    DEFAULT_MODEL,
-    DEFAULT_PORT,
-    build_parser,
-    compiled_decode_rows,
-    model_specs,
-)
+from mlx_llm_server.cli import DEFAULT_MODEL, DEFAULT_PORT, build_parser, model_specs
+from mlx_llm_server.model_setup import COMPILED_DECODE_ROWS_CUDA, compiled_decode_rows
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -65,7 +59,7 @@ def test_dense_weights_that_would_crowd_the_device_stop_start_up(
     import mlx.core as mx
 
     import mlx_llm_server.kernels.quantized_linear as ql
-    from mlx_llm_server.cli import check_dense_weights_fit
+    from mlx_llm_server.model_setup import check_dense_weights_fit
 
     monkeypatch.setattr(ql, "dense_weight_bytes", lambda model: 30 * 10**9)
     monkeypatch.setattr(mx, "get_active_memory", lambda: 10 * 10**9)
@@ -126,7 +120,7 @@ def test_several_models_with_ids() -> None:
 def test_cuda_defaults_apply_on_cuda_only_and_yield_to_the_user(monkeypatch: object) -> None:
     import mlx.core as mx
 
-    from mlx_llm_server import cli
+    from mlx_llm_server import model_setup as cli
 
     mp = monkeypatch  # pytest's MonkeyPatch
     for name in ("MLX_CUDA_USE_CUDNN_SDPA", "MLX_MAX_OPS_PER_BUFFER"):
@@ -149,7 +143,7 @@ def test_cuda_defaults_apply_on_cuda_only_and_yield_to_the_user(monkeypatch: obj
 def test_buffer_cache_is_capped_never_raised() -> None:
     import mlx.core as mx
 
-    from mlx_llm_server import cli
+    from mlx_llm_server import model_setup as cli
 
     own = mx.set_cache_limit(1 << 40)  # MLX's limit as it stood, and room to cap
     try:

@@ -167,10 +167,13 @@ def test_second_turn_reuses_cached_prefix(tiny_server: ServerProcess) -> None:
         assert cached < usage.prompt_tokens
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", params=["engine-thread", "engine-process"])
 def small_server(
-    tiny_qwen3_dir: Path, tmp_path_factory: pytest.TempPathFactory
+    request: pytest.FixtureRequest, tiny_qwen3_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ServerProcess]:
+    """One running and one queued request at most; the engine on a thread of the server's
+    process, or in a process of its own (`--engine-process`), whose queue limit the HTTP
+    process keeps."""
     with serving(
         [
             "--model-name",
@@ -183,6 +186,7 @@ def small_server(
             "1",
             "--log-level",
             "info",
+            *(["--engine-process"] if request.param == "engine-process" else []),
         ],
         tmp_path_factory.mktemp("small") / "server.log",
     ) as server:

@@ -147,7 +147,14 @@ def triggers(qwen3_tokenizer_path: Path) -> dict[str, int]:
     return ids
 
 
-def start_fault_server(folder: Path, triggers: dict[str, int]) -> ServerProcess:
+# Every fault, with the engine on a thread of the server's process (the default) and in a
+# process of its own (`--engine-process`), where it crosses a pipe.
+ENGINE_MODES = {"engine-thread": [], "engine-process": ["--engine-process"]}
+
+
+def start_fault_server(
+    folder: Path, triggers: dict[str, int], options: list[str] | None = None
+) -> ServerProcess:
     model_file, model_dir = write_fault_model(folder, triggers)
     server = ServerProcess(
         [
@@ -171,6 +178,7 @@ def start_fault_server(folder: Path, triggers: dict[str, int]) -> ServerProcess:
             # uvicorn's default, uvloop.
             "--event-loop",
             "asyncio",
+            *(options or []),
         ],
         folder / "server.log",
     )
@@ -178,12 +186,15 @@ def start_fault_server(folder: Path, triggers: dict[str, int]) -> ServerProcess:
     return server
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", params=list(ENGINE_MODES))
 def fault_server(
-    triggers: dict[str, int], tmp_path_factory: pytest.TempPathFactory
+    request: pytest.FixtureRequest,
+    triggers: dict[str, int],
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[ServerProcess]:
     """Shared by this module's tests; the last one stops it with SIGTERM."""
-    server = start_fault_server(tmp_path_factory.mktemp("faults"), triggers)
+    folder = tmp_path_factory.mktemp(f"faults-{request.param}")
+    server = start_fault_server(folder, triggers, ENGINE_MODES[request.param])
     try:
         yield server
     finally:
@@ -278,10 +289,11 @@ def test_failure_while_decoding_ends_the_stream_with_an_error_then_done(
     assert f'mlx_llm_request_errors_total{{model="{MODEL}"}}' in metrics
 
 
+@pytest.mark.parametrize("mode", list(ENGINE_MODES))
 def test_engine_thread_death_turns_health_503(
-    triggers: dict[str, int], tmp_path_factory: pytest.TempPathFactory
+    mode: str, triggers: dict[str, int], tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    server = start_fault_server(tmp_path_factory.mktemp("doomed"), triggers)
+    server = start_fault_server(tmp_path_factory.mktemp("doomed"), triggers, ENGINE_MODES[mode])
     try:
         url = f"{server.base_url}{CHAT}"
         assert httpx.get(f"{server.base_url}/metrics").text.count("mlx_llm_engine_up{") == 1

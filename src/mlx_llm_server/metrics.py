@@ -78,20 +78,30 @@ class _EngineCollector(Collector):
             for model, s in stats:
                 counter.add_metric([model], getattr(s, field))
             yield counter
-        yield from _mlx_memory()
+        yield from _mlx_memory([s for _, s in stats])
 
 
-def _mlx_memory() -> Iterator[Metric]:
-    """MLX's allocator counters (process-wide: weights, KV caches, temporaries, its cache)."""
+def _mlx_memory(stats: list[EngineStats]) -> Iterator[Metric]:
+    """MLX's allocator counters (weights, KV caches, temporaries, its cache): this process's,
+    plus those of engines in processes of their own."""
     import mlx.core as mx  # here, so that importing this module stays free of MLX
 
     readings = {
-        "mlx_llm_mlx_active_memory_bytes": (mx.get_active_memory, "Memory held by MLX arrays"),
-        "mlx_llm_mlx_peak_memory_bytes": (mx.get_peak_memory, "Most MLX memory held at once"),
-        "mlx_llm_mlx_cache_memory_bytes": (mx.get_cache_memory, "MLX's buffer cache"),
+        "mlx_llm_mlx_active_memory_bytes": (
+            mx.get_active_memory() + sum(s.process_active_bytes for s in stats),
+            "Memory held by MLX arrays",
+        ),
+        "mlx_llm_mlx_peak_memory_bytes": (
+            mx.get_peak_memory() + sum(s.process_peak_bytes for s in stats),
+            "Most MLX memory held at once",
+        ),
+        "mlx_llm_mlx_cache_memory_bytes": (
+            mx.get_cache_memory() + sum(s.process_cache_bytes for s in stats),
+            "MLX's buffer cache",
+        ),
     }
-    for name, (read, help_text) in readings.items():
-        yield GaugeMetricFamily(name, help_text, value=read())
+    for name, (value, help_text) in readings.items():
+        yield GaugeMetricFamily(name, help_text, value=value)
 
 
 class ServerMetrics:

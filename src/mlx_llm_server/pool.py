@@ -43,15 +43,6 @@ class _Entry:
     nbytes: int = 0
 
 
-def model_nbytes(served: ServedModel) -> int:
-    from mlx.utils import tree_flatten
-
-    from .kernels.quantized_linear import kept_dense_bytes
-
-    model = served.loaded.model
-    return sum(v.nbytes for _, v in tree_flatten(model.parameters())) + kept_dense_bytes(model)
-
-
 def estimate_nbytes(path: Path) -> int:
     """Bytes a model will take, from its weight files (before loading it)."""
     if path.is_file():
@@ -151,7 +142,7 @@ class ModelPool:
             future.set_exception(error)
             return
         entry.served, entry.state = served, "ready"
-        entry.nbytes = model_nbytes(served)
+        entry.nbytes = served.weight_bytes
         entry.last_used = time.monotonic()
         logger.info(
             "model %s ready in %.1fs (%.2f GB)",

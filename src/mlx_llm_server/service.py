@@ -24,6 +24,7 @@ from jinja2 import TemplateError
 from . import protocol as wire
 from .choice import ChoiceAssembler, ChoiceOptions, ChoiceUpdate
 from .engine.engine import Engine, RequestStream
+from .engine.remote import EngineProcess
 from .engine.types import (
     EngineEvent,
     ErrorEvent,
@@ -55,10 +56,11 @@ class ServedModel:
 
     model_id: str
     loaded: LoadedModel
-    engine: Engine
+    engine: Engine | EngineProcess
     created: int = field(default_factory=wire.now)
     default_max_tokens: int = 2048
     default_template_kwargs: dict[str, Any] = field(default_factory=dict)
+    weight_bytes: int = 0  # the model's parameters and any dense copies, in device memory
     _grammar_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _grammar: Any = field(default=None, repr=False)
 

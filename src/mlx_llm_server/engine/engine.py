@@ -20,7 +20,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -98,10 +98,14 @@ class EngineConfig:
     idle_steps_before_clearing: int = 1
 
 
+class Cancels(Protocol):
+    def cancel(self, request_id: str) -> None: ...
+
+
 class RequestStream:
     """The events of one request, consumed on the event loop with `async for`."""
 
-    def __init__(self, engine: Engine, request_id: str, loop: asyncio.AbstractEventLoop):
+    def __init__(self, engine: Cancels, request_id: str, loop: asyncio.AbstractEventLoop):
         self._engine = engine
         self.request_id = request_id
         self._loop = loop
@@ -162,9 +166,16 @@ class EngineModel:
     grammar_masker: GrammarMasker | None = None
 
 
+# Hands one step's events to whoever listens: (the stream a request was enqueued with, its
+# events) for every request that has some. By default the streams are `RequestStream`s and the
+# events go to their event loops; an engine in a process of its own sends them to its parent.
+Deliver = Callable[[list[tuple[Any, list[EngineEvent]]]], None]
+
+
 class Engine:
-    def __init__(self, config: EngineConfig | None = None) -> None:
+    def __init__(self, config: EngineConfig | None = None, deliver: Deliver | None = None) -> None:
         self.config = config or EngineConfig()
+        self._deliver = deliver or deliver_to_loops
         self.prefix_cache = PrefixCache(self.config.prefix_cache_bytes)
         self.model: nn.Module | None = None
         self._batch: DecodeBatch | None = None
@@ -216,17 +227,24 @@ class Engine:
 
     def submit(self, request: GenerationRequest) -> RequestStream:
         """Queues a request; raises ServerOverloadedError when the queue is full."""
+        stream = RequestStream(self, request.request_id, asyncio.get_running_loop())
+        self.enqueue(request, stream)
+        return stream
+
+    def enqueue(self, request: GenerationRequest, stream: Any, limit: bool = True) -> None:
+        """Queues a request whose events go to `stream` (see `Deliver`); thread-safe.
+
+        With `limit`, raises ServerOverloadedError when `max_queued` requests wait already.
+        """
         if not self.running:
             raise ServiceUnavailableError("The generation engine is not running.")
         with self._lock:
-            if self._queued >= self.config.max_queued:
+            if limit and self._queued >= self.config.max_queued:
                 raise ServerOverloadedError(
                     "The server is at capacity; retry shortly.", retry_after_seconds=1
                 )
             self._queued += 1
-        stream = RequestStream(self, request.request_id, asyncio.get_running_loop())
         self._inbox.put(("submit", Sequence(request, stream)))
-        return stream
 
     def cancel(self, request_id: str) -> None:
         self._inbox.put(("cancel", request_id))
@@ -697,25 +715,31 @@ class Engine:
                 self._fail(payload, error)
 
     def _flush(self) -> None:
-        """Hands this step's events to the event loop: one wake-up of the loop per step.
-
-        One thread-safe call per step (not one per request) matters with many streams: each
-        call writes to the loop's wake-up socket and schedules a callback.
-        """
+        """Hands this step's events on, all requests' at once (see `deliver_to_loops`)."""
         if not self._outbox:
             return
-        grouped: dict[RequestStream, list[EngineEvent]] = {}
+        grouped: dict[Any, list[EngineEvent]] = {}
         for stream, event in self._outbox:
             if stream is not None:  # None: a warm-up sequence, nobody listens
                 grouped.setdefault(stream, []).append(event)
         self._outbox = []
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[RequestStream, list[EngineEvent]]]]
-        by_loop = {}
-        for stream, events in grouped.items():
-            by_loop.setdefault(stream.loop, []).append((stream, events))
-        for loop, deliveries in by_loop.items():
-            with contextlib.suppress(RuntimeError):  # a closed loop: nobody left to read them
-                loop.call_soon_threadsafe(_push_all, deliveries)
+        if grouped:
+            self._deliver(list(grouped.items()))
+
+
+def deliver_to_loops(deliveries: list[tuple[RequestStream, list[EngineEvent]]]) -> None:
+    """Pushes events into their `RequestStream`s: one wake-up of each event loop per step.
+
+    One thread-safe call per step (not one per request) matters with many streams: each
+    call writes to the loop's wake-up socket and schedules a callback.
+    """
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[RequestStream, list[EngineEvent]]]]
+    by_loop = {}
+    for stream, events in deliveries:
+        by_loop.setdefault(stream.loop, []).append((stream, events))
+    for loop, own in by_loop.items():
+        with contextlib.suppress(RuntimeError):  # a closed loop: nobody left to read them
+            loop.call_soon_threadsafe(_push_all, own)
 
 
 def _push_all(deliveries: list[tuple[RequestStream, list[EngineEvent]]]) -> None:

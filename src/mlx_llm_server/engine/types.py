@@ -93,3 +93,8 @@ class EngineStats:
     decode_seconds: float = 0.0
     decode_wait_seconds: float = 0.0  # of decode_seconds, blocked on the device for tokens
     decode_launch_seconds: float = 0.0  # of decode_seconds, in MLX queuing steps on the device
+    # MLX's allocator in the engine's own process (`--engine-process`); 0 for an engine on a
+    # thread of the server's process, whose MLX the server reads itself.
+    process_active_bytes: int = 0
+    process_peak_bytes: int = 0
+    process_cache_bytes: int = 0

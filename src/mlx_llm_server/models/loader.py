@@ -15,10 +15,11 @@ from typing import Any
 import mlx.nn as nn
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.tokenizer_utils import load as load_tokenizer
+from mlx_lm.utils import load_config
 from mlx_lm.utils import load_model as mlx_lm_load_model
 
 from .builtin import BuiltinModelError, resolve_builtin
-from .gguf import load_gguf, preferred_dtype
+from .gguf import gguf_config, gguf_tokenizer, load_gguf, preferred_dtype, read_gguf_header
 from .registry import model_registry
 
 logger = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ class ModelLoadError(Exception):
 @dataclass
 class LoadedModel:
     name: str
-    model: nn.Module
+    model: nn.Module | None  # None where the weights live in another process
     tokenizer: TokenizerWrapper
     config: dict[str, Any]
     context_length: int
@@ -78,15 +79,34 @@ def resolve_model_path(name: str) -> Path:
 
 
 def load(name: str, *, context_length: int | None = None) -> LoadedModel:
+    """The model's weights, tokenizer and configuration."""
+    return _load(name, context_length, weights=True)
+
+
+def load_tokenizer_only(name: str, *, context_length: int | None = None) -> LoadedModel:
+    """What `load` gives without the weights (`model` is None): for a process that serves HTTP
+    while another one runs the model."""
+    return _load(name, context_length, weights=False)
+
+
+def _load(name: str, context_length: int | None, weights: bool) -> LoadedModel:
     path = resolve_model_path(name)
+    model: nn.Module | None = None
     try:
         if path.is_file() and path.suffix == ".gguf":
-            # On a CPU, dequantized weights are faster (float32 with OpenBLAS, else bfloat16).
-            model, tokenizer, config = load_gguf(path, dtype=preferred_dtype(path))
+            if weights:
+                # On a CPU, dequantized weights are faster (float32 with OpenBLAS, else bfloat16).
+                model, tokenizer, config = load_gguf(path, dtype=preferred_dtype(path))
+            else:
+                header = read_gguf_header(path)
+                config, tokenizer = gguf_config(header), gguf_tokenizer(header.metadata)
         else:
-            model, config = mlx_lm_load_model(
-                path, get_model_classes=model_registry.get_model_classes
-            )
+            if weights:
+                model, config = mlx_lm_load_model(
+                    path, get_model_classes=model_registry.get_model_classes
+                )
+            else:
+                config = load_config(path)
             tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
     except ModelLoadError:
         raise

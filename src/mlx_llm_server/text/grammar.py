@@ -50,6 +50,7 @@ import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import llguidance
@@ -145,7 +146,7 @@ class CompiledGrammar:
     from a copy of it, so the first step of every sequence is cheap.
     """
 
-    __slots__ = ("_template", "eos_token_ids", "kind", "vocab_size", "warnings")
+    __slots__ = ("_template", "eos_token_ids", "kind", "source", "vocab_size", "warnings")
 
     def __init__(
         self,
@@ -153,9 +154,11 @@ class CompiledGrammar:
         kind: str,
         vocab_size: int,
         eos_token_ids: tuple[int, ...],
+        source: str = "",
     ) -> None:
         self._template = template
         self.kind = kind
+        self.source = source  # llguidance's grammar text: what `compile_source` builds again
         self.vocab_size = vocab_size
         self.eos_token_ids = eos_token_ids
         # e.g. unknown `format`s ignored by a non-strict schema
@@ -307,6 +310,11 @@ class GrammarCompiler:
             lambda: self._build(llguidance.LLMatcher.grammar_from_lark(grammar), "lark"),
         )
 
+    def compile_source(self, source: str, kind: str) -> CompiledGrammar:
+        """A grammar from the text another compiler built (`CompiledGrammar.source`), for the
+        same tokenizer in another process."""
+        return self._cached(("source", kind, source), lambda: self._build(source, kind))
+
     # -- internals -------------------------------------------------------------------------
 
     def _cached(
@@ -424,7 +432,7 @@ class GrammarCompiler:
         template.unsafe_compute_mask_ptr(row.ctypes.data, row.nbytes)
         if template.is_error():
             raise GrammarError(f"invalid {what}: {_error_text(template)}")
-        return CompiledGrammar(template, kind, self.vocab_size, self.eos_token_ids)
+        return CompiledGrammar(template, kind, self.vocab_size, self.eos_token_ids, source)
 
 
 def _error_text(matcher: llguidance.LLMatcher) -> str:
@@ -461,6 +469,17 @@ def _functions(tools: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
     return functions
 
 
+@dataclass(frozen=True)
+class PortableGrammar:
+    """A request's grammar as plain data, for an engine in another process."""
+
+    source: str
+    kind: str
+
+    def matcher(self, compiler: GrammarCompiler) -> GrammarMatcher:
+        return GrammarMatcher(compiler.compile_source(self.source, self.kind))
+
+
 class GrammarMatcher:
     """The grammar state of one sequence.
 
@@ -477,6 +496,10 @@ class GrammarMatcher:
         self.vocab_size = grammar.vocab_size
         self.eos_token_ids = grammar.eos_token_ids
         self._matcher = grammar._template.deep_copy()
+
+    def portable(self) -> PortableGrammar:
+        """What another process needs to start this matcher again (it must not have advanced)."""
+        return PortableGrammar(self.grammar.source, self.grammar.kind)
 
     def fill_mask(self, bitmask: np.ndarray, index: int = 0) -> None:
         """Writes the next-token mask into row `index` of an int32 (rows, words) array."""
