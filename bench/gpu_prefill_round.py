@@ -157,7 +157,9 @@ def start_engine(model: Path, tokenizer_dir: Path | None, server_args: list[str]
     from mlx_llm_server.model_setup import apply_cuda_defaults, limit_buffer_cache
     from mlx_llm_server.pool import ModelSpec
 
-    parsed = build_parser().parse_args(["--model-name", str(model), *server_args])
+    # The engine on a thread of this process: these scripts read its state directly.
+    options = ["--model-name", str(model), "--no-engine-process", *server_args]
+    parsed = build_parser().parse_args(options)
     apply_cuda_defaults()
     limit_buffer_cache(parsed.buffer_cache_gb)
     started = time.perf_counter()

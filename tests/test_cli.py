@@ -167,3 +167,17 @@ def test_prefill_chunk_is_larger_on_cuda_unless_given(monkeypatch: pytest.Monkey
     assert cli.engine_config(build_parser().parse_args([])).prefill_chunk == 2048
     given = build_parser().parse_args(["--prefill-chunk", "256"])
     assert cli.engine_config(given).prefill_chunk == 256
+
+
+def test_engine_process_default_by_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    import mlx.core as mx
+
+    from mlx_llm_server.cli import engine_process
+
+    parser = build_parser()
+    monkeypatch.setattr(mx.cuda, "is_available", lambda: True)
+    assert engine_process(parser.parse_args([]))
+    assert not engine_process(parser.parse_args(["--no-engine-process"]))
+    monkeypatch.setattr(mx.cuda, "is_available", lambda: False)
+    assert not engine_process(parser.parse_args([]))  # a CPU, Apple silicon: one process
+    assert engine_process(parser.parse_args(["--engine-process"]))
