@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +22,7 @@ import httpx
 import openai
 import pytest
 from conftest import SCRIPT_TEXT, TINY_CONTEXT, serve_script
-from server_process import ServerProcess, serving
+from server_process import ServerProcess, free_port, serving
 
 TINY = "tiny-qwen3"
 
@@ -234,3 +237,30 @@ def test_no_engine_process_outlives_its_server(
     killed.process.kill()  # no chance to clean up: the engine sees its pipe close
     killed.stop()
     assert gone(child)
+
+
+def test_a_model_that_fails_to_load_in_the_engine_process_stops_start_up(
+    tiny_qwen3_dir: Path, tmp_path: Path
+) -> None:
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_qwen3_dir, broken)
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mlx_llm_server",
+            "--model-name",
+            str(broken),
+            "--engine-process",
+            "--port",
+            str(free_port()),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert done.returncode == 1
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("mlx-llm-server: Model ") and "could not be loaded" in last, last

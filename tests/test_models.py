@@ -13,10 +13,15 @@ from conftest import SCRIPT_TEXT
 from server_process import ServerProcess, serving
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", params=["engine-thread", "engine-process"])
 def two_models(
-    tiny_qwen3_dir: Path, script_tokens: list[int], tmp_path_factory: pytest.TempPathFactory
+    request: pytest.FixtureRequest,
+    tiny_qwen3_dir: Path,
+    script_tokens: list[int],
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[ServerProcess]:
+    """Two models, the second loaded on demand; each engine on a thread of the server's
+    process or in a process of its own (`--engine-process`), which unloading ends."""
     from scripted_model import write_scripted_model
 
     folder = tmp_path_factory.mktemp("two-models")
@@ -34,6 +39,7 @@ def two_models(
             "0.03",
             "--max-running",
             "4",
+            *(["--engine-process"] if request.param == "engine-process" else []),
         ],
         folder / "server.log",
     ) as server:
