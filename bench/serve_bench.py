@@ -536,11 +536,12 @@ def main() -> int:
     model_ids = {"ours": "bench", "mlx_lm": str(model_dir)}
     client_counts = [int(c) for c in args.clients.split(",")]
     names = args.servers.split(",")
-    results: dict[str, dict[int, RoundResult]] = {}
+    # One entry per round, in the order of --clients (a count may repeat: 1,1,64 runs three).
+    results: dict[str, list[RoundResult]] = {}
     turns: dict[str, list[float]] = {}
     startup: dict[str, float] = {}
     cold: dict[str, list[float]] = {}
-    splits: dict[str, dict[int, str]] = {}
+    splits: dict[str, list[str]] = {}
     for name in names:
         port = free_port()
         command = [*commands[name], "--port", str(port)]
@@ -566,11 +567,11 @@ def main() -> int:
                         f"  {name:7} warm-up N={n:<3} {warm.wall:.1f}s, {warm.errors} failed",
                         flush=True,
                     )
-            results[name] = {}
+            results[name] = []
             for n in client_counts:
                 counters = engine_counters(server)
                 trace = MemoryTrace(server) if args.trace_memory and counters else None
-                results[name][n] = run_round(
+                r = run_round(
                     server,
                     n,
                     args.rounds,
@@ -578,9 +579,9 @@ def main() -> int:
                     args.output_tokens,
                     args.client_processes,
                 )
-                r = results[name][n]
-                splits.setdefault(name, {})[n] = engine_split(
-                    counters, engine_counters(server), r.wall
+                results[name].append(r)
+                splits.setdefault(name, []).append(
+                    engine_split(counters, engine_counters(server), r.wall)
                 )
                 if trace is not None:
                     print(f"  {name:7} N={n:<3} memory {trace.summary()}", flush=True)
@@ -609,23 +610,21 @@ def main() -> int:
     print(header)
     print("-" * len(header))
     for name in names:
-        for n in client_counts:
-            r = results[name][n]
+        for n, r in zip(client_counts, results[name], strict=False):
             print(
                 f"{name:8} {n:>3} {r.throughput:9.1f} {r.ttft(50):9.3f} {r.ttft(99):9.3f} "
                 f"{r.itl(50) * 1000:7.1f}ms {r.itl(99) * 1000:7.1f}ms {r.errors:>6}"
             )
-    for name, per_n in splits.items():
-        if any(per_n.values()):
+    for name, per_round in splits.items():
+        if any(per_round):
             print()
             print(f"{name}: engine time per round (from /metrics)")
-            for n, split in per_n.items():
+            for n, split in zip(client_counts, per_round, strict=False):
                 print(f"  N={n:<3} {split}")
     if {"ours", "mlx_lm"} <= set(names):
         print()
         print(f"{'N':>3} {'ours/mlx_lm tok/s':>18} {'TTFT p99 ratio':>15}")
-        for n in client_counts:
-            ours, theirs = results["ours"][n], results["mlx_lm"][n]
+        for n, ours, theirs in zip(client_counts, results["ours"], results["mlx_lm"], strict=False):
             print(
                 f"{n:>3} {ours.throughput / theirs.throughput:18.2f} {ours.ttft(99) / theirs.ttft(99):15.2f}"
             )
@@ -640,7 +639,7 @@ def main() -> int:
         for name in names:
             # Decode alone, as generate_step is timed: tokens after the first over the time from
             # the first chunk to the last (a chunk may carry several tokens).
-            timings = results[name][1].timings
+            timings = results[name][client_counts.index(1)].timings
             spent = sum(sum(timing.gaps) for timing in timings)
             decode = sum(timing.tokens - 1 for timing in timings) / spent if spent else float("nan")
             print(
@@ -659,7 +658,7 @@ def main() -> int:
     if args.json_out:
         payload = {
             name: {
-                str(n): {
+                round_key(client_counts, i): {
                     "tok_s": r.throughput,
                     "failed": r.errors,
                     "ttft_p50": r.ttft(50),
@@ -667,9 +666,9 @@ def main() -> int:
                     "itl_p50": r.itl(50),
                     "itl_p99": r.itl(99),
                 }
-                for n, r in per_n.items()
+                for i, r in enumerate(rounds)
             }
-            for name, per_n in results.items()
+            for name, rounds in results.items()
         }
         payload["turns"] = turns  # type: ignore[assignment]
         payload["startup"] = startup  # type: ignore[assignment]
@@ -678,6 +677,13 @@ def main() -> int:
             payload["raw"] = raw  # type: ignore[assignment]
         args.json_out.write_text(json.dumps(payload, indent=2))
     return 0
+
+
+def round_key(client_counts: list[int], index: int) -> str:
+    """A round's key in the JSON output: its client count, then `N#2`, `N#3` for repeats."""
+    n = client_counts[index]
+    repeat = client_counts[: index + 1].count(n)
+    return str(n) if repeat == 1 else f"{n}#{repeat}"
 
 
 if __name__ == "__main__":
