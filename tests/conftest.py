@@ -54,22 +54,25 @@ def tiny_server(
 ) -> Iterator[ServerProcess]:
     """The real server on a real port, serving the tiny Qwen3 as `tiny-qwen3`."""
     log = tmp_path_factory.mktemp("logs") / "tiny-server.log"
-    with serving(
-        [
-            "--model-name",
-            str(tiny_qwen3_dir),
-            "--served-model-name",
-            "tiny-qwen3",
-            "--context-length",
-            str(TINY_CONTEXT),
-            "--max-tokens",
-            "64",
-            "--log-level",
-            "warning",
-        ],
-        log,
-    ) as server:
+    with serving(tiny_server_args(tiny_qwen3_dir), log) as server:
         yield server
+
+
+def tiny_server_args(tiny_qwen3_dir: Path, *options: str) -> list[str]:
+    """The options of `tiny_server`, and any more."""
+    return [
+        "--model-name",
+        str(tiny_qwen3_dir),
+        "--served-model-name",
+        "tiny-qwen3",
+        "--context-length",
+        str(TINY_CONTEXT),
+        "--max-tokens",
+        "64",
+        "--log-level",
+        "warning",
+        *options,
+    ]
 
 
 SCRIPT_TEXT = "Hello 쀍龘🎉 한국어 日本語の文字 中文 𠜎 STOP done."

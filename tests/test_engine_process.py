@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from conftest import SCRIPT_TEXT, TINY_CONTEXT, serve_script
+from conftest import SCRIPT_TEXT, serve_script, tiny_server_args
 from server_process import ServerProcess, free_port, serving
 
 TINY = "tiny-qwen3"
@@ -65,19 +65,7 @@ def gone(pid: int, timeout: float = 20.0) -> bool:
 
 
 def tiny_args(tiny_qwen3_dir: Path) -> list[str]:
-    return [
-        "--model-name",
-        str(tiny_qwen3_dir),
-        "--served-model-name",
-        TINY,
-        "--context-length",
-        str(TINY_CONTEXT),
-        "--max-tokens",
-        "64",
-        "--log-level",
-        "warning",
-        "--engine-process",
-    ]
+    return tiny_server_args(tiny_qwen3_dir, "--engine-process")
 
 
 @pytest.fixture(scope="module")
