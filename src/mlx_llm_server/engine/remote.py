@@ -79,7 +79,10 @@ class EngineProcess:
         self._process: multiprocessing.process.BaseProcess | None = None
         self._conn: Connection | None = None
         self._streams: dict[str, RequestStream] = {}
-        self._lock = threading.Lock()  # guards _streams and the pipe's sending end
+        self._lock = threading.Lock()  # guards _streams
+        # Writers of the pipe take turns. Never held with `_lock`: the reader thread, which
+        # drains the child's messages, must never wait behind a write to a full pipe.
+        self._send_lock = threading.Lock()
         self._stats = _empty_stats()
         self._ready = threading.Event()
         self._stopping = False
@@ -137,11 +140,13 @@ class EngineProcess:
                 raise ServerOverloadedError(
                     "The server is at capacity; retry shortly.", retry_after_seconds=1
                 )
-            try:
-                self._send_locked(("submit", request))
-            except (OSError, ValueError):
-                raise ServiceUnavailableError("The generation engine is not running.") from None
             self._streams[request.request_id] = stream
+        try:
+            self._send(("submit", request))
+        except (OSError, ValueError):
+            with self._lock:
+                self._streams.pop(request.request_id, None)
+            raise ServiceUnavailableError("The generation engine is not running.") from None
         return stream
 
     def cancel(self, request_id: str) -> None:
@@ -154,13 +159,10 @@ class EngineProcess:
     # Reader thread ---------------------------------------------------------------------
 
     def _send(self, message: tuple[str, Any]) -> None:
-        with self._lock:
-            self._send_locked(message)
-
-    def _send_locked(self, message: tuple[str, Any]) -> None:
         if self._conn is None:
             raise OSError("not started")
-        self._conn.send(message)
+        with self._send_lock:
+            self._conn.send(message)
 
     def _read(self, started: Future[ModelFacts]) -> None:
         assert self._conn is not None
