@@ -514,7 +514,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.bundled_blas:
         _restart_with_openblas(argv)
     apply_cuda_defaults()
-    limit_buffer_cache(args.buffer_cache_gb)
+    if not engine_process(args):  # else the engine process caps its own
+        limit_buffer_cache(args.buffer_cache_gb)
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -550,7 +551,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         estimate=lambda spec: estimate_nbytes(resolve_model_path(spec.name)),
     )
     state = AppState(loading=[s.model_id for s in specs if not s.lazy])
-    state.metrics = ServerMetrics(lambda: [(m.model_id, m.engine.stats()) for m in pool.ready()])
+    state.metrics = ServerMetrics(
+        lambda: [(m.model_id, m.engine.stats()) for m in pool.ready()],
+        own_mlx=not engine_process(args),
+    )
     state.service = ChatService(pool, state.metrics)
     app = create_app(state, security, access_log_json=args.access_log_format == "json")
     server = GracefulServer(

@@ -29,8 +29,9 @@ EngineStatsSource = Callable[[], list[tuple[str, EngineStats]]]
 
 
 class _EngineCollector(Collector):
-    def __init__(self, source: EngineStatsSource) -> None:
+    def __init__(self, source: EngineStatsSource, own_mlx: bool) -> None:
         self._source = source
+        self._own_mlx = own_mlx
 
     def collect(self) -> Iterator[Metric]:
         gauges = {
@@ -78,25 +79,28 @@ class _EngineCollector(Collector):
             for model, s in stats:
                 counter.add_metric([model], getattr(s, field))
             yield counter
-        yield from _mlx_memory([s for _, s in stats])
+        yield from _mlx_memory([s for _, s in stats], self._own_mlx)
 
 
-def _mlx_memory(stats: list[EngineStats]) -> Iterator[Metric]:
-    """MLX's allocator counters (weights, KV caches, temporaries, its cache): this process's,
-    plus those of engines in processes of their own."""
-    import mlx.core as mx  # here, so that importing this module stays free of MLX
+def _mlx_memory(stats: list[EngineStats], own_mlx: bool) -> Iterator[Metric]:
+    """MLX's allocator counters (weights, KV caches, temporaries, its cache): this process's
+    where engines run in it, plus those of engines in processes of their own."""
+    active, peak, cache = 0, 0, 0
+    if own_mlx:
+        import mlx.core as mx  # here, so that importing this module stays free of MLX
 
+        active, peak, cache = mx.get_active_memory(), mx.get_peak_memory(), mx.get_cache_memory()
     readings = {
         "mlx_llm_mlx_active_memory_bytes": (
-            mx.get_active_memory() + sum(s.process_active_bytes for s in stats),
+            active + sum(s.process_active_bytes for s in stats),
             "Memory held by MLX arrays",
         ),
         "mlx_llm_mlx_peak_memory_bytes": (
-            mx.get_peak_memory() + sum(s.process_peak_bytes for s in stats),
+            peak + sum(s.process_peak_bytes for s in stats),
             "Most MLX memory held at once",
         ),
         "mlx_llm_mlx_cache_memory_bytes": (
-            mx.get_cache_memory() + sum(s.process_cache_bytes for s in stats),
+            cache + sum(s.process_cache_bytes for s in stats),
             "MLX's buffer cache",
         ),
     }
@@ -105,7 +109,9 @@ def _mlx_memory(stats: list[EngineStats]) -> Iterator[Metric]:
 
 
 class ServerMetrics:
-    def __init__(self, engine_stats: EngineStatsSource) -> None:
+    def __init__(self, engine_stats: EngineStatsSource, own_mlx: bool = True) -> None:
+        """`own_mlx`: engines run in this process, so its MLX allocator is read (never touched
+        otherwise: on a GPU that would open a device context here for nothing)."""
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "mlx_llm_http_requests",
@@ -153,7 +159,7 @@ class ServerMetrics:
             ["model"],
             registry=self.registry,
         )
-        self.registry.register(_EngineCollector(engine_stats))
+        self.registry.register(_EngineCollector(engine_stats, own_mlx))
         # process_resident_memory_bytes and friends, as the default registry would have them.
         ProcessCollector(registry=self.registry)
 
