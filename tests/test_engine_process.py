@@ -24,6 +24,9 @@ import pytest
 from conftest import SCRIPT_TEXT, serve_script, tiny_server_args
 from server_process import ServerProcess, free_port, serving
 
+from mlx_llm_server.engine.engine import EngineConfig
+from mlx_llm_server.engine.remote import ChildModel, EngineProcess
+
 TINY = "tiny-qwen3"
 
 
@@ -252,3 +255,30 @@ def test_a_model_that_fails_to_load_in_the_engine_process_stops_start_up(
     assert done.returncode == 1
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("mlx-llm-server: Model ") and "could not be loaded" in last, last
+
+
+def _never_ready() -> ChildModel:
+    time.sleep(3600)
+    raise AssertionError("unreachable")
+
+
+def _fails_to_load() -> ChildModel:
+    raise ValueError("no weights here")
+
+
+def test_an_engine_process_that_fails_or_is_stopped_while_starting_ends() -> None:
+    failing = EngineProcess(EngineConfig())
+    with pytest.raises(ValueError, match="no weights here"):
+        failing.start(_fails_to_load).result(timeout=60)
+    assert failing.pid is not None and gone(failing.pid)
+    assert not failing.running
+
+    starting = EngineProcess(EngineConfig())
+    started = starting.start(_never_ready)
+    time.sleep(1.0)
+    began = time.monotonic()
+    starting.stop()  # it reads no messages yet: killed, not waited for
+    assert time.monotonic() - began < 5
+    assert starting.pid is not None and gone(starting.pid)
+    with pytest.raises(RuntimeError, match="exited while starting"):
+        started.result(timeout=10)

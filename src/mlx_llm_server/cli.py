@@ -429,10 +429,15 @@ def model_starter(
             engine: Engine | EngineProcess = EngineProcess(
                 engine_config(args), name=f"engine-{spec.model_id}"
             )
-            facts = engine.start(ChildSetup(spec, args)).result()
-            # This process only needs the tokenizer and the configuration.
-            loaded = load_tokenizer_only(spec.name, context_length=args.context_length)
-            weight_bytes = facts.weight_bytes
+            started = engine.start(ChildSetup(spec, args))
+            try:
+                # This process only needs the tokenizer and the configuration: loaded while
+                # the engine process loads the weights and warms up.
+                loaded = load_tokenizer_only(spec.name, context_length=args.context_length)
+            except BaseException:
+                engine.stop()
+                raise
+            weight_bytes = started.result().weight_bytes
         else:
             engine = Engine(engine_config(args))
             built: list[LoadedModel] = []

@@ -117,10 +117,8 @@ class EngineProcess:
             self._send(("stop", None))
         process = self._process
         if process is not None:
-            process.join(timeout)
-            if process.is_alive():
-                process.terminate()
-                process.join(5.0)
+            # A child still starting reads no messages (and ignores SIGTERM): it is killed.
+            process.join(timeout if self._ready.is_set() else 0.0)
             if process.is_alive():
                 process.kill()
                 process.join()
