@@ -37,7 +37,19 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
+# Every request suppresses the model's end-of-sequence tokens (Qwen3's until `main` reads the
+# served model's own), so each answer is exactly --output-tokens long.
 EOS_SUPPRESSED = {"151645": -100, "151643": -100}
+
+
+def suppress_eos_of(model: Path) -> None:
+    """Suppresses the end-of-sequence tokens the server stops on for `model`."""
+    sys.path.insert(0, str(ROOT / "src"))
+    from mlx_llm_server.models.loader import load_tokenizer_only
+
+    eos = load_tokenizer_only(str(model)).eos_token_ids
+    EOS_SUPPRESSED.clear()
+    EOS_SUPPRESSED.update({str(token): -100 for token in sorted(eos)})
 
 
 @dataclass
@@ -492,6 +504,7 @@ def main() -> int:
     model_dir = args.model or build_model(
         args.build, args.log_dir / f"model-{args.build}", args.tokenizer_dir
     )
+    suppress_eos_of(model_dir)
     python_path = os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": python_path}
     blas = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3"
