@@ -424,7 +424,8 @@ def model_starter(
     args: argparse.Namespace, template_kwargs: dict[str, object]
 ) -> Callable[[ModelSpec], ServedModel]:
     def start(spec: ModelSpec) -> ServedModel:
-        """Starts an engine whose thread loads the model; blocks until it serves."""
+        """Starts an engine (on a thread, or in a process of its own) that loads the model;
+        blocks until it serves."""
         if engine_process(args):
             engine: Engine | EngineProcess = EngineProcess(
                 engine_config(args), name=f"engine-{spec.model_id}"
