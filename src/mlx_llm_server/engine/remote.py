@@ -19,6 +19,8 @@ import dataclasses
 import logging
 import multiprocessing
 import os
+import pickle
+import queue
 import signal
 import sys
 import threading
@@ -79,10 +81,11 @@ class EngineProcess:
         self._process: multiprocessing.process.BaseProcess | None = None
         self._conn: Connection | None = None
         self._streams: dict[str, RequestStream] = {}
-        self._lock = threading.Lock()  # guards _streams
-        # Writers of the pipe take turns. Never held with `_lock`: the reader thread, which
-        # drains the child's messages, must never wait behind a write to a full pipe.
-        self._send_lock = threading.Lock()
+        self._closed = False  # the child is gone and every stream was ended
+        self._lock = threading.Lock()  # guards _streams and _closed
+        # Messages for the child, written by a thread of their own: a write to a full pipe
+        # (the child busy) must block neither the event loop nor the reader thread.
+        self._outbox: queue.SimpleQueue[tuple[str, Any] | None] = queue.SimpleQueue()
         self._stats = _empty_stats()
         self._ready = threading.Event()
         self._stopping = False
@@ -109,12 +112,13 @@ class EngineProcess:
         threading.Thread(
             target=self._read, args=(started,), name=f"{self.name}-reader", daemon=True
         ).start()
+        threading.Thread(target=self._write, name=f"{self.name}-writer", daemon=True).start()
         return started
 
     def stop(self, timeout: float = _STOP_TIMEOUT_SECONDS) -> None:
         self._stopping = True
-        with contextlib.suppress(OSError, ValueError):
-            self._send(("stop", None))
+        self._outbox.put(("stop", None))
+        self._outbox.put(None)  # the writer's end
         process = self._process
         if process is not None:
             # A child still starting reads no messages (and ignores SIGTERM): it is killed.
@@ -133,34 +137,32 @@ class EngineProcess:
         if request.grammar is not None:
             request = dataclasses.replace(request, grammar=request.grammar.portable())
         with self._lock:
+            if self._closed:
+                raise ServiceUnavailableError("The generation engine is not running.")
             # The child's own queue count lags behind the pipe, so the limit is kept here.
             if len(self._streams) >= self.config.max_running + self.config.max_queued:
                 raise ServerOverloadedError(
                     "The server is at capacity; retry shortly.", retry_after_seconds=1
                 )
             self._streams[request.request_id] = stream
-        try:
-            self._send(("submit", request))
-        except (OSError, ValueError):
-            with self._lock:
-                self._streams.pop(request.request_id, None)
-            raise ServiceUnavailableError("The generation engine is not running.") from None
+        self._outbox.put(("submit", request))
         return stream
 
     def cancel(self, request_id: str) -> None:
-        with contextlib.suppress(OSError, ValueError):
-            self._send(("cancel", request_id))
+        self._outbox.put(("cancel", request_id))
 
     def stats(self) -> EngineStats:
         return self._stats
 
-    # Reader thread ---------------------------------------------------------------------
+    # Writer and reader threads ----------------------------------------------------------
 
-    def _send(self, message: tuple[str, Any]) -> None:
-        if self._conn is None:
-            raise OSError("not started")
-        with self._send_lock:
-            self._conn.send(message)
+    def _write(self) -> None:
+        assert self._conn is not None
+        while (message := self._outbox.get()) is not None:
+            try:
+                self._conn.send(message)
+            except (OSError, ValueError):
+                return  # the child is gone: the reader ends what waits for it
 
     def _read(self, started: Future[ModelFacts]) -> None:
         assert self._conn is not None
@@ -216,7 +218,7 @@ class EngineProcess:
 
     def _fail_waiting(self, error: EngineError) -> None:
         with self._lock:
-            waiting, self._streams = self._streams, {}
+            waiting, self._streams, self._closed = self._streams, {}, True
         deliver_to_loops([(stream, [ErrorEvent(error)]) for stream in waiting.values()])
 
 
@@ -236,8 +238,6 @@ def _pack(deliveries: list[tuple[Any, list[EngineEvent]]]) -> list[tuple[str, li
 
 def _portable_error(error: BaseException) -> BaseException:
     """The error itself if it crosses the pipe, else its message in a RuntimeError."""
-    import pickle
-
     try:
         pickle.loads(pickle.dumps(error))
         return error
@@ -254,7 +254,7 @@ def serve_in_child(conn: Connection, config: EngineConfig, setup: ChildSetup) ->
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     sending = threading.Lock()
-    reported: list[bool] = []
+    reported = threading.Event()
 
     def send(message: tuple[str, Any]) -> None:
         with sending:
@@ -262,8 +262,8 @@ def serve_in_child(conn: Connection, config: EngineConfig, setup: ChildSetup) ->
 
     def report_failure() -> None:
         """Once, as soon as the engine thread has died (before the events it ended with)."""
-        if engine.failure is not None and not reported:
-            reported.append(True)
+        if engine.failure is not None and not reported.is_set():
+            reported.set()
             send(("failed", EngineError(f"The generation engine stopped: {engine.failure}")))
 
     def deliver(deliveries: list[tuple[Any, list[EngineEvent]]]) -> None:
