@@ -10,6 +10,7 @@ HTTP and the clients; this separates what the engine itself spends.
 
     python bench/gpu_prefill_round.py --tokenizer-dir .gpu/tokenizer --rounds 64x136,64x136
     python bench/gpu_prefill_round.py --server-arg=--prefill-chunk --server-arg=8192
+    python bench/gpu_prefill_round.py --model smollm2 --rounds 8x64 --variants default,two-pass
 """
 
 from __future__ import annotations
@@ -133,23 +134,28 @@ def engine_variant(engine: Any, variant: str) -> Iterator[None]:
     """Applies one round's setting to the running engine, and restores it after."""
     import mlx.core as mx
 
-    config, clear = engine.config, mx.clear_cache
+    config, clear, head = engine.config, mx.clear_cache, engine._head
     if variant.startswith("chunk"):
         engine.config = dataclasses.replace(config, prefill_chunk=int(variant[len("chunk") :]))
     elif variant == "keep-cache":
         mx.clear_cache = lambda: None  # the engine calls it through the module
+    elif variant == "two-pass":
+        engine._head = None  # each prompt's last token in a pass of its own, as mlx-lm does
     elif variant != "default":
         raise SystemExit(f"unknown variant {variant!r}")
     try:
         yield
     finally:
-        engine.config, mx.clear_cache = config, clear
+        engine.config, mx.clear_cache, engine._head = config, clear, head
 
 
 def start_engine(model: Path, tokenizer_dir: Path | None, server_args: list[str]) -> Any:
     """The engine as the server starts it (`cli.model_starter`), on `model` (the Qwen3-8B-shaped
     4-bit model is built there first if missing); returns the served model."""
-    if not (model / "config.json").exists():
+    from mlx_llm_server.models.builtin import BUILTIN_MODELS
+
+    built = model.is_file() or (model / "config.json").exists() or str(model) in BUILTIN_MODELS
+    if not built:
         from serve_bench import build_model
 
         build_model("qwen3-8b-4bit", model, tokenizer_dir)
@@ -181,7 +187,8 @@ def main() -> int:
         "--variants",
         default="default",
         help="engine settings per round, comma-separated: default, chunkN (a prefill chunk of "
-        "N tokens), keep-cache (MLX's buffer cache not emptied after prefill passes)",
+        "N tokens), keep-cache (MLX's buffer cache not emptied after prefill passes), "
+        "two-pass (a prompt's last token in a forward pass of its own)",
     )
     parser.add_argument("--server-arg", action="append", default=[])
     args = parser.parse_args()

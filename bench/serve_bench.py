@@ -97,6 +97,8 @@ ENGINE_COUNTERS = (
     "mlx_llm_decode_steps_total",
     "mlx_llm_decode_rows_total",
     "mlx_llm_prompt_tokens_computed_total",
+    "mlx_llm_engine_prefill_steps_total",
+    "mlx_llm_engine_prompts_prefilled_total",
 )
 
 
@@ -119,12 +121,15 @@ def engine_split(before: dict[str, float], after: dict[str, float], wall: float)
     if not before or not after:
         return ""
     d = {name: after.get(name, 0.0) - before.get(name, 0.0) for name in ENGINE_COUNTERS}
-    prefill, decode, wait, launch, steps, rows, prompt = (d[name] for name in ENGINE_COUNTERS)
+    prefill, decode, wait, launch, steps, rows, prompt, prefill_steps, prompts = (
+        d[name] for name in ENGINE_COUNTERS
+    )
     # Of a step: "waiting", the engine blocked on the device for its tokens (near zero: the host
     # sets the pace); "queuing", inside MLX encoding and launching the next step.
     per_step = 1000 / max(steps, 1)
     return (
-        f"prefill {prefill:5.2f}s ({prompt:6.0f} tok, {prompt / max(prefill, 1e-9):7.0f} tok/s) | "
+        f"prefill {prefill:5.2f}s ({prompt:6.0f} tok, {prompt / max(prefill, 1e-9):7.0f} tok/s; "
+        f"{prefill_steps:3.0f} steps, {prompts / max(prefill_steps, 1):4.1f} prompts a step) | "
         f"decode {decode:5.2f}s in {steps:4.0f} steps ({decode * per_step:5.1f} ms: "
         f"{wait * per_step:4.1f} waiting, {launch * per_step:4.1f} queuing; "
         f"{rows / max(steps, 1):4.1f} rows) | other {wall - prefill - decode:5.2f}s"

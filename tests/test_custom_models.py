@@ -25,6 +25,7 @@ from model_factory import TINY_QWEN3_CONFIG
 from toy_model import TOY_MODEL_TYPE, ToyModelPaths, write_toy_model, write_toy_model_file
 
 from mlx_llm_server.custom_models import qwen3 as our_qwen3
+from mlx_llm_server.engine.output_head import OutputHead
 from mlx_llm_server.models.registry import ModelRegistry, model_registry
 
 # float32 on the CPU: both implementations run the same kernels in the same order, so they
@@ -100,6 +101,8 @@ def test_prompt_logits_match(config: dict[str, Any]) -> None:
     actual = ours(PROMPT)
     assert actual.shape == (1, PROMPT.shape[1], config["vocab_size"])
     assert_close(actual, expected)
+    # The engine's one-pass prefill finds this module's head, tied or not.
+    assert OutputHead.find(ours) is not None
 
 
 def test_input_embeddings_match() -> None:

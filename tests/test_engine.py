@@ -15,7 +15,6 @@ import pytest
 from mlx_lm.models.cache import BatchKVCache
 
 from mlx_llm_server.engine.batch import (
-    DecodeBatch,
     Sequence,
     evaluate,
     extract_row,
@@ -192,6 +191,7 @@ def test_warm_up_runs_every_sampling_feature_and_leaves_no_trace(
     stats = engine.stats()
     assert stats.running == stats.waiting == stats.prefix_cache_entries == 0
     assert stats.decode_steps == stats.prompt_tokens_computed == 0
+    assert stats.prefill_steps == stats.prompts_prefilled == 0
     assert stats.prefill_seconds == stats.decode_seconds == 0
     assert stats.decode_wait_seconds == stats.decode_launch_seconds == 0
     # Quantized matmuls pick kernels by rows: the warm-up reaches 64 rows with 8 sequences.
@@ -202,9 +202,7 @@ def engine_on(model_dir: Path, **config: int) -> Engine:
     """An engine driven step by step in this thread (no engine thread, no warm-up)."""
     engine = Engine(EngineConfig(**config))
     loaded = load(str(model_dir))
-    engine.model = loaded.model
-    engine.vocab_size = loaded.vocab_size
-    engine._batch = DecodeBatch(loaded.model, loaded.vocab_size, None)
+    engine.adopt(EngineModel(loaded.model, loaded.vocab_size))
     return engine
 
 
@@ -271,6 +269,9 @@ def test_prompts_beyond_one_step_are_prefilled_in_groups(tiny_qwen3_dir: Path) -
     engine._prefill_chunk = chunk_spy  # type: ignore[method-assign]
     outputs = arrive_together(engine, prompts, 6)
     assert sizes == [3, 3, 2] and alone == []
+    # The counters /metrics shows: three steps of prompt work shared by eight prompts.
+    stats = engine.stats()
+    assert (stats.prefill_steps, stats.prompts_prefilled) == (3, 8)
     for prompt, output in zip(prompts, outputs, strict=True):
         assert output == reference_tokens(tiny_qwen3_dir, prompt, 6)
 

@@ -30,6 +30,7 @@ from mlx_lm.tokenizer_utils import load as load_hf_tokenizer
 from mlx_lm.utils import load_model
 from model_factory import TINY_QWEN3_CONFIG, build_tiny_qwen3, qwen3_tokenizer_dir
 
+from mlx_llm_server.engine.output_head import OutputHead
 from mlx_llm_server.models import gguf
 from mlx_llm_server.models.builtin import BUILTIN_MODELS, BuiltinModelError, resolve_builtin
 from mlx_llm_server.models.gguf import (
@@ -444,6 +445,8 @@ def test_mixed_quantized_gguf_gives_the_same_logits(arch: str, tmp_path: Path) -
         assert "lm_head" not in quantized
         assert model.lm_head.weight.dtype == mx.bfloat16  # MLX itself would give float16
     np.testing.assert_allclose(logits(model), expected, rtol=1e-4, atol=1e-4)
+    # The engine reads a prompt's last logits in its body's pass with these heads too.
+    assert OutputHead.find(model) is not None
 
     if arch != "qwen2":
         return  # one architecture covers dequantizing, with biases beside quantized weights

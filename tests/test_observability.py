@@ -98,6 +98,8 @@ def test_requests_latencies_and_tokens_are_counted(observed: ServerProcess) -> N
     assert delta("mlx_llm_completion_tokens_total", **model) == 6 + 5
     # Where the engine's time went: prompt work and decode steps both took some.
     assert delta("mlx_llm_engine_prefill_seconds_total", **model) > 0
+    assert delta("mlx_llm_engine_prompts_prefilled_total", **model) == 2
+    assert delta("mlx_llm_engine_prefill_steps_total", **model) == 2  # one after the other
     decode = delta("mlx_llm_engine_decode_seconds_total", **model)
     assert decode > 0
     # Parts of it waiting on the device for tokens and queuing steps: never more than the whole.

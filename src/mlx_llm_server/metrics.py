@@ -51,6 +51,14 @@ class _EngineCollector(Collector):
                 "mlx_llm_prompt_tokens_computed",
                 "Prompt tokens run through the model (prefix cache hits excluded)",
             ),
+            "prefill_steps": (
+                "mlx_llm_engine_prefill_steps",
+                "Engine steps that ran prompt work (prompts arriving together share one)",
+            ),
+            "prompts_prefilled": (
+                "mlx_llm_engine_prompts_prefilled",
+                "Prompts whose prefill ended and that joined the decode batch",
+            ),
             "prefill_seconds": (
                 "mlx_llm_engine_prefill_seconds",
                 "Engine time in prompt work, waiting on the device included",

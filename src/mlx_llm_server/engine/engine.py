@@ -28,6 +28,7 @@ from mlx_lm.models.cache import KVCache, make_prompt_cache
 
 from ..errors import EngineError, ServerOverloadedError, ServiceUnavailableError
 from .batch import DecodeBatch, GrammarMasker, ReadToken, Sequence, evaluate, merge_caches
+from .output_head import OutputHead
 from .prefix_cache import PrefixCache
 from .sampling import SampleOutput, SamplingBatch
 from .types import (
@@ -179,6 +180,8 @@ class Engine:
         self.prefix_cache = PrefixCache(self.config.prefix_cache_bytes)
         self.model: nn.Module | None = None
         self._batch: DecodeBatch | None = None
+        # Where found, a prompt's last token runs in its body's forward pass (output_head.py).
+        self._head: OutputHead | None = None
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._waiting: deque[Sequence] = deque()
         self._prefilling: list[Sequence] = []
@@ -197,6 +200,10 @@ class Engine:
         self.decode_rows = 0
         self.max_decode_rows = 0
         self.prompt_tokens_computed = 0
+        # Steps that ran prompt work, and prompts whose prefill ended (joined or failed to):
+        # their ratio is how many prompts share a step's prompt work on average.
+        self.prefill_steps = 0
+        self.prompts_prefilled = 0
         self.prefill_seconds = 0.0
         self.decode_seconds = 0.0
 
@@ -263,6 +270,8 @@ class Engine:
             decode_rows=self.decode_rows,
             max_decode_rows=self.max_decode_rows,
             prompt_tokens_computed=self.prompt_tokens_computed,
+            prefill_steps=self.prefill_steps,
+            prompts_prefilled=self.prompts_prefilled,
             prefill_seconds=self.prefill_seconds,
             decode_seconds=self.decode_seconds,
             decode_wait_seconds=batch.wait_seconds if batch is not None else 0.0,
@@ -270,6 +279,13 @@ class Engine:
         )
 
     # Engine thread -----------------------------------------------------------------------
+
+    def adopt(self, loaded: EngineModel) -> None:
+        """Takes the model to run (on the thread that runs it; tests step an engine in theirs)."""
+        self.model = loaded.model
+        self._batch = DecodeBatch(loaded.model, loaded.vocab_size, loaded.grammar_masker)
+        self.vocab_size = loaded.vocab_size
+        self._head = OutputHead.find(loaded.model)
 
     def _run(self, setup: Callable[[], EngineModel], started: Future[EngineModel]) -> None:
         # Generation gets a stream of its own, as mlx-lm's generate does, so the asynchronous
@@ -280,9 +296,7 @@ class Engine:
     def _serve(self, setup: Callable[[], EngineModel], started: Future[EngineModel]) -> None:
         try:
             loaded = setup()
-            self.model = loaded.model
-            self._batch = DecodeBatch(loaded.model, loaded.vocab_size, loaded.grammar_masker)
-            self.vocab_size = loaded.vocab_size
+            self.adopt(loaded)
             started_warm_up = time.monotonic()
             self._warm_up()
             self.warm_up_seconds = time.monotonic() - started_warm_up
@@ -310,6 +324,7 @@ class Engine:
         prefilled = self.prompt_tokens_computed != computed
         prefill_done = time.perf_counter()
         if prefilled:
+            self.prefill_steps += 1
             self.prefill_seconds += prefill_done - started
         decoded = len(self._batch) > 0
         if decoded:
@@ -397,7 +412,7 @@ class Engine:
         self.prefix_cache.clear()
         self.prefix_cache.hits = self.prefix_cache.misses = 0
         self.decode_steps = self.decode_rows = self.max_decode_rows = 0
-        self.prompt_tokens_computed = 0
+        self.prompt_tokens_computed = self.prefill_steps = self.prompts_prefilled = 0
         self.prefill_seconds = self.decode_seconds = 0.0
         self._batch.wait_seconds = self._batch.launch_seconds = 0.0
 
@@ -498,6 +513,7 @@ class Engine:
 
     def _join(self, sequences: list[Sequence], join: Callable[[], None]) -> None:
         """Runs `join` (sequences joining the batch); on failure every row fails, not the engine."""
+        self.prompts_prefilled += len(sequences)
         try:
             join()
         except Exception as error:
@@ -553,22 +569,17 @@ class Engine:
     def _prefill_group(
         self, group: list[Sequence]
     ) -> tuple[list[Any], SampleOutput, SamplingBatch]:
-        # What each prompt still needs before its last token: all of it, or what follows the
-        # cached prefix. Rows are left-aligned on their caches by the merge, right-padded here.
-        bodies = [s.request.prompt_tokens[s.prefilled : -1] for s in group]
-        lengths = [len(b) for b in bodies]
-        longest = max(lengths)
+        # What each prompt still needs: all of it, or what follows the cached prefix. Rows are
+        # left-aligned on their caches by the merge, right-padded here.
         cache = merge_caches([s.prompt_cache for s in group])  # type: ignore[misc]
-        if longest > 0:
-            for layer in cache:
-                layer.prepare(lengths=lengths, right_padding=[longest - n for n in lengths])
-            padded = mx.array([b + [0] * (longest - len(b)) for b in bodies])
-            self.model(padded, cache=cache)
-            evaluate([layer.state for layer in cache])
-            for layer in cache:
-                layer.finalize()  # right padding becomes left padding, as decoding expects
-        last = mx.array([s.request.prompt_tokens[-1:] for s in group])
-        logits = self.model(last, cache=cache)[:, -1, :]
+        if self._head is not None:
+            logits = self._padded_pass(
+                cache, [s.request.prompt_tokens[s.prefilled :] for s in group]
+            )
+        else:  # the body (its KV cache only), then every last token in a pass of their own
+            self._padded_pass(cache, [s.request.prompt_tokens[s.prefilled : -1] for s in group])
+            last = mx.array([s.request.prompt_tokens[-1:] for s in group])
+            logits = self.model(last, cache=cache)[:, -1, :]
         sampling = SamplingBatch.concat(
             [
                 SamplingBatch.for_sequence(
@@ -582,11 +593,33 @@ class Engine:
             logits = self._batch.grammar_masker(logits, grammars)
         first = sampling.sample(logits)
         evaluate([layer.state for layer in cache], first.arrays(), wait=False)
+        self.prompt_tokens_computed += sum(s.prompt_len - s.prefilled for s in group)
         for sequence in group:
             sequence.tokens = list(sequence.request.prompt_tokens)
             sequence.prefilled = len(sequence.tokens)
-        self.prompt_tokens_computed += sum(lengths) + len(group)
         return cache, first, sampling
+
+    def _padded_pass(self, cache: list[Any], bodies: list[list[int]]) -> mx.array | None:
+        """Runs the rows' tokens, right-padded, into the merged `cache`, whose KV it evaluates;
+        with an output head found, returns the logits at each row's last token (lazy)."""
+        lengths = [len(b) for b in bodies]
+        longest = max(lengths)
+        if longest == 0:
+            return None
+        for layer in cache:
+            layer.prepare(lengths=lengths, right_padding=[longest - n for n in lengths])
+        padded = mx.array([b + [0] * (longest - len(b)) for b in bodies])
+        logits = None
+        if self._head is not None:
+            logits = self._head.logits_at(padded, cache, [n - 1 for n in lengths])
+        else:
+            self.model(padded, cache=cache)
+        # Waited for here, as before the output head: a failure (out of memory on a long
+        # prompt) surfaces in this step, where the group is retried prompt by prompt.
+        evaluate([layer.state for layer in cache])
+        for layer in cache:
+            layer.finalize()  # right padding becomes left padding, as decoding expects
+        return logits
 
     def _start_prefill(self, sequence: Sequence) -> bool:
         """Moves a waiting sequence to prefilling (with any cached prefix); False if it failed."""
@@ -607,36 +640,43 @@ class Engine:
     def _prefill_chunk(
         self, sequence: Sequence, budget: int
     ) -> tuple[int, tuple[list[Any], SampleOutput, SamplingBatch] | None]:
-        """Runs up to `budget` prompt tokens; the last prompt token runs alone.
+        """Runs up to `budget` prompt tokens; the chunk that ends the prompt also samples.
 
-        Only the KV cache of a chunk is evaluated, never its logits (the output projection over
-        the vocabulary for every prompt position would dominate the prefill); the last token's
-        own step then gives the logits of the first generated token.
+        Only the KV cache of a chunk is evaluated, never its logits at every position (the
+        output projection over the vocabulary for each of them would dominate the prefill):
+        the last chunk takes the logits of its last token alone (`OutputHead`), or, for a model
+        whose head was not found, the last token runs alone after the body.
         """
         prompt = sequence.request.prompt_tokens
         cache = sequence.prompt_cache
         assert cache is not None
-        body_end = len(prompt) - 1
-        if sequence.prefilled < body_end:
-            chunk = prompt[sequence.prefilled : min(sequence.prefilled + budget, body_end)]
-            self.model(mx.array(chunk)[None], cache=cache)
-            evaluate([layer.state for layer in cache])
+        end = len(prompt) if self._head is not None else len(prompt) - 1
+        if sequence.prefilled < end:
+            chunk = prompt[sequence.prefilled : min(sequence.prefilled + budget, end)]
+            inputs = mx.array(chunk)[None]
             self.prompt_tokens_computed += len(chunk)
             sequence.prefilled += len(chunk)
             sequence.tokens.extend(chunk)
-            return len(chunk), None
-        logits = self.model(mx.array(prompt[-1:])[None], cache=cache)
-        self.prompt_tokens_computed += 1
-        sequence.prefilled += 1
-        sequence.tokens.append(prompt[-1])
+            if self._head is None or sequence.prefilled < len(prompt):
+                self.model(inputs, cache=cache)
+                evaluate([layer.state for layer in cache])
+                return len(chunk), None
+            last = self._head.logits_at(inputs, cache, [len(chunk) - 1])
+            evaluate([layer.state for layer in cache])  # as a body chunk: failures surface here
+            spent = len(chunk)
+        else:
+            last = self.model(mx.array(prompt[-1:])[None], cache=cache)[:, -1, :]
+            self.prompt_tokens_computed += 1
+            sequence.prefilled += 1
+            sequence.tokens.append(prompt[-1])
+            spent = 1
         sampling = SamplingBatch.for_sequence(sequence.request.sampling, prompt, self.vocab_size)
-        last = logits[:, -1, :]
         grammar = sequence.request.grammar
         if grammar is not None and self._batch.grammar_masker is not None:
             last = self._batch.grammar_masker(last, [grammar])
         first = sampling.sample(last)
         evaluate([layer.state for layer in cache], first.arrays(), wait=False)
-        return 1, (cache, first, sampling)
+        return spent, (cache, first, sampling)
 
     def _decode(self) -> None:
         rows = len(self._batch)

@@ -88,6 +88,8 @@ class EngineStats:
     decode_rows: int = 0  # sum of batch sizes over decode steps
     max_decode_rows: int = 0
     prompt_tokens_computed: int = 0  # prompt tokens run through the model (cache hits excluded)
+    prefill_steps: int = 0  # engine steps that ran prompt work
+    prompts_prefilled: int = 0  # prompts whose prefill ended and that joined the batch
     # Engine-thread seconds in prompt work and in decode steps (each waits on the device too).
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
