@@ -93,7 +93,8 @@ async def run_round(
     async def user(i: int) -> tuple[float, int]:
         await asyncio.sleep(spread * i / max(users - 1, 1))
         start = 1000 + seed * 100_003 + i * 1_009
-        prompt = [(start + 7 * j) % 150_000 for j in range(length)]
+        # Ids of this model's vocabulary (MLX's CPU gather does not check the range).
+        prompt = [(start + 7 * j) % min(engine.vocab_size, 150_000) for j in range(length)]
         return await one_request(engine, f"r{seed}-{i}", prompt, tokens)
 
     before = engine.stats()
