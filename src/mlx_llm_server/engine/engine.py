@@ -576,6 +576,7 @@ class Engine:
             logits = self._padded_pass(
                 cache, [s.request.prompt_tokens[s.prefilled :] for s in group]
             )
+            assert logits is not None  # every row has its last token to run
         else:  # the body (its KV cache only), then every last token in a pass of their own
             self._padded_pass(cache, [s.request.prompt_tokens[s.prefilled : -1] for s in group])
             last = mx.array([s.request.prompt_tokens[-1:] for s in group])
@@ -650,19 +651,22 @@ class Engine:
         prompt = sequence.request.prompt_tokens
         cache = sequence.prompt_cache
         assert cache is not None
-        end = len(prompt) if self._head is not None else len(prompt) - 1
+        head = self._head
+        end = len(prompt) if head is not None else len(prompt) - 1
         if sequence.prefilled < end:
             chunk = prompt[sequence.prefilled : min(sequence.prefilled + budget, end)]
             inputs = mx.array(chunk)[None]
+            last: mx.array | None = None
+            if head is not None and sequence.prefilled + len(chunk) == len(prompt):
+                last = head.logits_at(inputs, cache, [len(chunk) - 1])
+            else:
+                self.model(inputs, cache=cache)
+            evaluate([layer.state for layer in cache])  # a failure surfaces in this step
             self.prompt_tokens_computed += len(chunk)
             sequence.prefilled += len(chunk)
             sequence.tokens.extend(chunk)
-            if self._head is None or sequence.prefilled < len(prompt):
-                self.model(inputs, cache=cache)
-                evaluate([layer.state for layer in cache])
+            if last is None:
                 return len(chunk), None
-            last = self._head.logits_at(inputs, cache, [len(chunk) - 1])
-            evaluate([layer.state for layer in cache])  # as a body chunk: failures surface here
             spent = len(chunk)
         else:
             last = self.model(mx.array(prompt[-1:])[None], cache=cache)[:, -1, :]
